@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Idempotent environment setup: creates .venv (or uses $ZEDA_VENV) with the pinned stack.
+# Usage: bash scripts/setup.sh   (then: source .venv/bin/activate)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${ZEDA_VENV:-.venv}
+"$PY" -c 'import sys; assert sys.version_info >= (3, 11), "zeda-megatron needs Python >= 3.11, found " + sys.version.split()[0]'
+stamp="$VENV/.zeda-setup-$(cat requirements.txt scripts/setup.sh | sha1sum | cut -c1-12)"
+if [ -f "$stamp" ]; then echo "[setup] $VENV is up to date"; exit 0; fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+VPY="$VENV/bin/python"
+"$VPY" -m pip install -q --upgrade pip setuptools wheel
+# torch first and alone, exact version, so nothing later can pull a CUDA build.
+"$VPY" -m pip install -q "torch==2.13.0"
+"$VPY" -m pip install -q -r requirements.txt
+if "$VPY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)'; then
+  "$VPY" -m pip install -q "megatron-core==0.19.2"
+else
+  # The cp311 wheel exists and works; only its metadata claims >=3.12. Its deps are in requirements.txt.
+  "$VPY" -m pip install -q --no-deps --ignore-requires-python "megatron-core==0.19.2"
+fi
+"$VPY" -m pip install -q --no-deps -e .
+"$VPY" -c 'import torch, megatron.core, transformers, hydra; print("[setup] torch", torch.__version__, "| megatron-core", megatron.core.__version__, "| transformers", transformers.__version__)'
+rm -f "$VENV"/.zeda-setup-*; touch "$stamp"

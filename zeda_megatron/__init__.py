@@ -1,0 +1,1 @@
+"""ZEDA on stock Megatron-Core."""

@@ -1,0 +1,78 @@
+"""Process-group setup shared by the layer, the bridge, the trainer and the tests.
+
+``torchrun`` (or Slurm's srun through torchrun) provides RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; a
+plain single process gets a world of one. The backend is NCCL on GPU and gloo on the CPU platform.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from zeda_megatron.platform import on_cpu, setup_platform
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_parallel(
+    tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234
+) -> None:
+    """Initialise torch.distributed and megatron-core's model-parallel groups (idempotent).
+
+    Raises a ValueError naming the sizes when tp*pp does not divide the world size or ep does not
+    divide the data-parallel-with-experts size, before any group is created.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    cpu = setup_platform()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(free_port())
+        rank = int(os.environ.get("RANK", "0"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if not cpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("gloo" if cpu else "nccl", rank=rank, world_size=world)
+    world = dist.get_world_size()
+    for name, size in (("tensor parallel (tp)", tp), ("pipeline parallel (pp)", pp), ("expert parallel (ep)", ep)):
+        if size < 1:
+            raise ValueError(f"{name} size must be >= 1, got {size}")
+    if world % (tp * pp):
+        raise ValueError(
+            f"world size {world} is not divisible by tp*pp = {tp}*{pp}; choose tp/pp whose product "
+            "divides the number of processes"
+        )
+    expert_dp = world // (pp * (etp or tp))
+    if expert_dp % ep:
+        raise ValueError(
+            f"expert parallel size ep={ep} must divide world/(pp*etp) = {expert_dp}; "
+            "change ep or the number of processes"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

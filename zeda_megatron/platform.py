@@ -1,0 +1,217 @@
+"""CPU platform layer: lets stock megatron-core 0.19.2 run on CPU with the gloo backend.
+
+This is the only module in zeda-megatron that patches megatron-core, and it does nothing when CUDA
+is available: on a GPU, megatron-core's own paths (Transformer Engine specs, grouped GEMM, NCCL,
+CUDA RNG tracker) are used untouched. Call :func:`setup_platform` once per process, before building
+models; it is idempotent.
+
+Each CUDA assumption bridged here, with where megatron-core makes it:
+
+=====================================================  ==========================================
+megatron-core site                                      bridge
+=====================================================  ==========================================
+``torch.cuda.current_device()`` used as a device:       ``current_device`` returns the CPU device
+router weights/buffers (moe/router.py), TP/EP
+gather/reduce-scatter/a2a outputs
+(tensor_parallel/mappings.py), RoPE ``inv_freq``,
+global memory buffer (utils.py)
+AlltoAll dispatcher ``torch.cuda.Stream()``,            inert stream/event objects; ``stream()`` is
+``current_stream``, ``stream``, ``record_event``        a null context
+(moe/token_dispatcher.py), ``synchronize``
+``maybe_move_tensor_to_cpu(as_numpy=True)`` keeps       returns ``.numpy()`` for CPU tensors too,
+CPU split sizes as tensors (moe/moe_utils.py), which    as it does for CUDA ones
+``all_to_all_single`` rejects
+CUDA RNG tracker ``fork()`` even at dropout 0           :class:`CPURNGStatesTracker`, same API,
+(tensor_parallel/random.py)                             forks the CPU generator
+``torch.zeros(..., device="cuda")`` token counters      ``torch.zeros`` maps ``device="cuda"`` to
+in pipeline_parallel/schedules.py                       CPU (only inside that module)
+=====================================================  ==========================================
+
+Settings that must stay off on CPU (validated by :func:`check_cpu_config`): fused kernels
+(``moe_permute_fusion``, ``moe_router_fusion``, ``gradient_accumulation_fusion``, ...),
+``moe_grouped_gemm`` (Transformer Engine), the ``flex`` dispatcher, and overlap options that
+use CUDA side streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import types
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_INSTALLED = False
+CPU = torch.device("cpu")
+
+
+def on_cpu() -> bool:
+    """True when this process has no usable CUDA device (the CPU platform applies)."""
+    return os.environ.get("ZEDA_FORCE_CPU", "0") == "1" or not torch.cuda.is_available()
+
+
+class _InertStream:
+    """Stands in for torch.cuda.Stream/Event on CPU: every operation is synchronous already."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _InertStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def __eq__(self, other):
+        return isinstance(other, _InertStream)
+
+    def __hash__(self):
+        return 0
+
+
+_THE_STREAM = _InertStream()
+
+
+def _make_cpu_rng_tracker_class():
+    from megatron.core.tensor_parallel import random as mp_random
+
+    class CPURNGStatesTracker(mp_random.CudaRNGStatesTracker):
+        """megatron-core's RNG tracker API over the CPU generator (dropout, init under fork())."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    return CPURNGStatesTracker
+
+
+def install_cpu_rng_tracker() -> None:
+    """Install the CPU RNG tracker as megatron-core's global tracker (keeps any states it had)."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    cls = _make_cpu_rng_tracker_class()
+    if isinstance(mp_random._CUDA_RNG_STATE_TRACKER, cls.__mro__[1]) and type(
+        mp_random._CUDA_RNG_STATE_TRACKER
+    ).__name__ == cls.__name__:
+        return
+    mp_random._CUDA_RNG_STATE_TRACKER = cls()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def setup_platform() -> bool:
+    """Install the CPU bridges if CUDA is absent. Returns True when running on the CPU platform."""
+    global _INSTALLED
+    if not on_cpu():
+        return False
+    if _INSTALLED:
+        return True
+
+    # torch.cuda.* entry points megatron-core calls unconditionally.
+    torch.cuda.current_device = lambda: CPU
+    torch.cuda.Stream = _InertStream
+    torch.cuda.Event = _InertStream
+    torch.cuda.current_stream = lambda *a, **k: _THE_STREAM
+    torch.cuda.default_stream = lambda *a, **k: _THE_STREAM
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.set_device = lambda *a, **k: None
+
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    _orig_move = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy() if as_numpy else tensor
+        return _orig_move(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+    # schedules.py allocates its token counter with device="cuda"; give that module a torch whose
+    # zeros() maps "cuda" to the CPU, leaving the global torch untouched.
+    def _zeros(*args, device=None, **kwargs):
+        if device is not None and str(device).startswith("cuda"):
+            device = CPU
+        return torch.zeros(*args, device=device, **kwargs)
+
+    schedules.torch = types.SimpleNamespace(**{**vars(torch), "zeros": _zeros})
+
+    install_cpu_rng_tracker()
+    _INSTALLED = True
+    log.info("zeda_megatron: CPU platform layer installed (gloo, no CUDA)")
+    return True
+
+
+# Config fields that select CUDA-only kernels or side streams; all must be off on CPU.
+_CPU_OFF = (
+    "moe_permute_fusion",
+    "moe_router_fusion",
+    "moe_grouped_gemm",
+    "gradient_accumulation_fusion",
+    "bias_activation_fusion",
+    "bias_dropout_fusion",
+    "masked_softmax_fusion",
+    "apply_rope_fusion",
+    "persist_layer_norm",
+    "moe_shared_expert_overlap",
+    "overlap_dispatch_backward_with_experts_wgrad",
+)
+
+
+def cpu_config_overrides() -> dict:
+    """TransformerConfig keyword overrides needed on the CPU platform (empty on GPU)."""
+    if not on_cpu():
+        return {}
+    return {name: False for name in _CPU_OFF} | {"use_cpu_initialization": True}
+
+
+def check_cpu_config(config) -> None:
+    """Raise a clear error for a TransformerConfig that selects a CUDA-only path on CPU."""
+    if not on_cpu():
+        return
+    bad = [name for name in _CPU_OFF if getattr(config, name, False)]
+    if bad:
+        raise ValueError(
+            f"TransformerConfig has {', '.join(f'{b}=True' for b in bad)}, which need CUDA/"
+            "Transformer Engine; set them to False on CPU (zeda_megatron.platform."
+            "cpu_config_overrides() gives the full set)."
+        )
+    if getattr(config, "moe_token_dispatcher_type", "alltoall") == "flex":
+        raise ValueError(
+            "moe_token_dispatcher_type='flex' (DeepEP/HybridEP) needs CUDA; use 'alltoall' or "
+            "'allgather' on CPU."
+        )
