@@ -42,6 +42,11 @@ def _check_route_args(num_experts, num_real, topk, score_function, expert_bias, 
                 f"group_topk={group_topk} must be in [1, num_groups={num_groups}] and divide "
                 f"topk={topk}"
             )
+        if num_experts // num_groups < topk // group_topk:
+            raise ValueError(
+                f"group-limited top-k takes topk/group_topk={topk // group_topk} experts per group, "
+                f"but a group of E+Z={num_experts} split {num_groups} ways holds {num_experts // num_groups}"
+            )
 
 
 def topk_select(scores: torch.Tensor, topk: int, num_groups=None, group_topk=None):

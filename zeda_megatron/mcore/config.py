@@ -67,6 +67,11 @@ def validate(config, settings: NullExpertSettings, ep_size: int = 1) -> None:
             f"moe_router_num_groups={groups} must divide E+Z={total} (group-limited top-k runs over "
             "real and null experts); pick Z so that groups divide E+Z, or change the group count"
         )
+    if groups and total // groups < topk // config.moe_router_group_topk:
+        raise ValueError(
+            f"moe_router_num_groups={groups}: each group of E+Z={total} holds {total // groups} experts "
+            f"but group-limited top-k takes topk/group_topk={topk // config.moe_router_group_topk} per group"
+        )
     dispatcher = config.moe_token_dispatcher_type
     if dispatcher not in SUPPORTED_DISPATCHERS:
         raise ValueError(

@@ -16,6 +16,7 @@ import torch
 from megatron.core.transformer.moe.moe_utils import (
     compute_routing_scores_for_aux_loss,
     get_tokens_per_expert_and_token_count,
+    router_gating_linear,
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
@@ -56,12 +57,23 @@ class NullExpertRouter(TopKRouter):
 
     # ---- routing -------------------------------------------------------------------------------
     def gating(self, input):
-        logits = super().gating(input)
-        if self.null.mask_null_experts and self.num_null:
-            mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            mask[self.num_real:] = True
-            logits = logits.masked_fill(mask, float("-inf"))
-        return logits
+        if not self.num_null:
+            return super().gating(input)
+        # Real and null logits come from two GEMMs so that the real logits are bit-identical to
+        # the original router's (a GEMM's rounding depends on its shape); the router GEMM is tiny.
+        if self.weight.device.type == "cpu":  # as Router.gating: CPU-initialised weights move
+            self.weight.data = self.weight.data.to(device=torch.cuda.current_device())
+        if self.bias is not None and self.bias.device.type == "cpu":
+            self.bias.data = self.bias.data.to(device=torch.cuda.current_device())
+        router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(self.config.moe_router_dtype, input.dtype)
+        e = self.num_real
+        bias = (None, None) if self.bias is None else (self.bias[:e], self.bias[e:])
+        real = router_gating_linear(input, self.weight[:e], bias[0], router_dtype)
+        if self.null.mask_null_experts:
+            null = real.new_full((*real.shape[:-1], self.num_null), float("-inf"))
+        else:
+            null = router_gating_linear(input, self.weight[e:], bias[1], router_dtype)
+        return torch.cat([real, null], dim=-1)
 
     @contextlib.contextmanager
     def _full_expert_bias(self):

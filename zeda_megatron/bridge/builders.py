@@ -1,0 +1,138 @@
+"""Build megatron-core GPT models for the supported HF families from a config alone.
+
+Call after :func:`zeda_megatron.distributed.init_parallel` (the model is built for this rank's
+TP/PP/EP position). Null experts come from :class:`zeda_megatron.mcore.config.NullExpertSettings`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from zeda_megatron.bridge.hf_config import (
+    GLM,
+    GLM_LATENT_NORM_EPS,
+    BridgeError,
+    HFModelInfo,
+    model_info,
+    read_config_json,
+    transformer_config,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _block_spec(config, null, vp_stage=None):
+    """The lead's null-expert block spec when present; stock local spec + SDPA attention otherwise."""
+    try:
+        from zeda_megatron.mcore.specs import gpt_block_spec
+    except ImportError:  # the null-expert layer is not in this tree yet
+        gpt_block_spec = None
+    if gpt_block_spec is not None:
+        return gpt_block_spec(config, null, vp_stage=vp_stage)
+    if null is not None and null.num_null_experts:
+        raise BridgeError("null experts need zeda_megatron.mcore.specs.gpt_block_spec, which is missing")
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from zeda_megatron.platform import on_cpu
+
+    spec = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=not on_cpu(), normalization=config.normalization
+    )
+    if on_cpu():
+        from zeda_megatron.mcore.attention import SDPACoreAttention
+
+        for layer in spec.layer_specs:
+            layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def check_layout(info: HFModelInfo, *, tp: int, ep: int, pp: int, null=None) -> None:
+    """Errors naming the setting for layouts this checkpoint cannot be split into."""
+    cfg = info.raw
+    if info.num_experts % ep:
+        raise BridgeError(
+            f"expert_model_parallel_size={ep} does not divide the number of experts "
+            f"(num_experts/n_routed_experts={info.num_experts}); choose an EP size that divides it"
+        )
+    if info.num_layers % pp:
+        raise BridgeError(
+            f"pipeline_model_parallel_size={pp} does not divide num_hidden_layers={info.num_layers}"
+        )
+    for name in ("num_attention_heads", "num_key_value_heads", "vocab_size"):
+        if name in cfg and int(cfg[name]) % tp:
+            raise BridgeError(f"tensor_model_parallel_size={tp} does not divide {name}={cfg[name]}")
+
+
+def build_model(
+    source,
+    null=None,
+    *,
+    params_dtype=torch.float32,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+    **config_overrides,
+):
+    """Build this rank's megatron-core GPTModel for an HF directory, config dict or HFModelInfo.
+
+    ``null``: NullExpertSettings (or None for the stock layer). Returns ``(model, info, config)``.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    from zeda_megatron.platform import setup_platform
+
+    setup_platform()
+    if isinstance(source, HFModelInfo):
+        info = source
+    elif isinstance(source, dict):
+        info = model_info(source)
+    else:
+        info = model_info(read_config_json(str(source)))
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    ep = ps.get_expert_model_parallel_world_size()
+    check_layout(info, tp=tp, ep=ep, pp=pp, null=null)
+    overrides = dict(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        pipeline_dtype=params_dtype if pp > 1 else None,
+        sequence_parallel=False,
+    )
+    overrides.update(config_overrides)
+    config = transformer_config(info, params_dtype=params_dtype, **overrides)
+    if null is not None:
+        from zeda_megatron.mcore.config import validate
+
+        validate(config, null, ep_size=ep)
+    spec = _block_spec(config, null, vp_stage)
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=True)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=True)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=info.vocab_size,
+        max_sequence_length=info.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=info.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=info.rope_theta,
+        vp_stage=vp_stage,
+    )
+    if info.family == GLM:
+        # HF builds q_a_layernorm / kv_a_layernorm with eps 1e-6 whatever rms_norm_eps says.
+        for layer in model.decoder.layers:
+            attn = layer.self_attention
+            for norm in (getattr(attn, "q_layernorm", None), getattr(attn, "kv_layernorm", None)):
+                if norm is not None and hasattr(norm, "eps"):
+                    norm.eps = GLM_LATENT_NORM_EPS
+    model.zeda_hf_info = info
+    model.zeda_null = null
+    return model, info, config

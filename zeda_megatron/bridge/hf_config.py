@@ -1,0 +1,241 @@
+"""Hugging Face config -> megatron-core TransformerConfig for the two supported MoE families.
+
+Supported ``model_type`` values (and their null-expert "++" variants written by the exporter):
+
+* ``qwen3_moe`` (``Qwen3MoeForCausalLM``, e.g. Qwen3-30B-A3B): GQA with per-head QK RMSNorm, softmax
+  router; ``norm_topk_prob=True`` (renormalised top-k) maps to ``moe_router_pre_softmax=False``
+  (softmax over the K selected logits, which is the same thing), ``False`` to ``pre_softmax=True``.
+  Dense layers come from ``mlp_only_layers`` / ``decoder_sparse_step``.
+* ``glm4_moe_lite`` (``Glm4MoeLiteForCausalLM``, GLM-4.7-Flash): multi-latent attention with its
+  q/kv latent RMSNorms, sigmoid router with ``e_score_correction_bias`` (megatron's expert bias,
+  frozen: update rate 0), ``routed_scaling_factor``, ``n_group``/``topk_group``, shared experts,
+  first layer(s) dense (``mlp_layer_types`` / ``first_k_dense_replace``).
+
+Megatron-Bridge (the NVIDIA library that has both mappings) was tried first and does not install in
+this environment: it requires Python 3.12 and ``transformers<=5.12.1`` (we run Python 3.11 with
+transformers 5.23.0 and megatron-core 0.19.2). ``mbridge`` pins older megatron-core. The mapping is
+therefore written here, following the Bridge's choices for the config fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+QWEN3 = "qwen3_moe"
+GLM = "glm4_moe_lite"
+FAMILIES = (QWEN3, GLM)
+
+# model_type / architecture of the null-expert ("++") exports, compatible with the reference release.
+PLUS_PLUS_MODEL_TYPE = {QWEN3: "qwen3_moe_plus_plus", GLM: "glm4_moe_lite_plus_plus"}
+PLUS_PLUS_ARCH = {QWEN3: "Qwen3MoePlusPlusForCausalLM", GLM: "Glm4MoeLitePlusPlusForCausalLM"}
+STOCK_ARCH = {QWEN3: "Qwen3MoeForCausalLM", GLM: "Glm4MoeLiteForCausalLM"}
+_FAMILY_OF = {QWEN3: QWEN3, GLM: GLM, "qwen3_moe_plus_plus": QWEN3, "glm4_moe_lite_plus_plus": GLM}
+
+
+class BridgeError(ValueError):
+    """A checkpoint or setting the bridge cannot convert; the message names the tensor/setting."""
+
+
+@dataclass
+class HFModelInfo:
+    """What the bridge needs from an HF config, normalised across the two families."""
+
+    family: str
+    raw: dict  # config.json as read
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_experts: int  # real routed experts E
+    num_null_experts: int  # Z already present in the checkpoint (a "++" export), else 0
+    moe_layers: list[int]  # 1 = MoE layer, 0 = dense, per layer
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    rope_theta: float
+    extra: dict = field(default_factory=dict)
+
+
+def read_config_json(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise BridgeError(f"no config.json in {hf_dir!r}: not a Hugging Face model directory")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _rope(cfg: dict) -> float:
+    rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rp.get("rope_type", rp.get("type", "default"))
+    if rope_type not in (None, "default"):
+        raise BridgeError(
+            f"rope_parameters.rope_type={rope_type!r} is not supported by the bridge (only 'default' "
+            "RoPE is mapped); convert a checkpoint with plain RoPE or extend zeda_megatron/bridge/hf_config.py"
+        )
+    theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    return float(theta)
+
+
+def model_info(cfg: dict) -> HFModelInfo:
+    """Normalise an HF config.json dict; fail with a message naming the field for anything unsupported."""
+    model_type = cfg.get("model_type")
+    family = _FAMILY_OF.get(model_type)
+    if family is None:
+        raise BridgeError(
+            f"config.json has model_type={model_type!r} (architectures={cfg.get('architectures')}); "
+            f"the bridge supports {list(_FAMILY_OF)}"
+        )
+    n_layers = int(cfg["num_hidden_layers"])
+    zce = cfg.get("zce_nums") or [0]
+    if len(set(zce)) != 1:
+        raise BridgeError(f"zce_nums={zce}: only one null-expert count for all layers is supported")
+    zce_types = cfg.get("zce_types") or ["zero"]
+    if any(t != "zero" for t in zce_types):
+        raise BridgeError(f"zce_types={zce_types}: only 'zero' null experts are supported")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise BridgeError(f"hidden_act={cfg.get('hidden_act')!r}: only 'silu' (SwiGLU) is supported")
+    if cfg.get("attention_bias"):
+        raise BridgeError("attention_bias=True is not supported by the bridge (both target models have none)")
+    if family == QWEN3:
+        num_experts = int(cfg.get("num_experts", cfg.get("num_local_experts", 0)))
+        mlp_only = set(cfg.get("mlp_only_layers") or [])
+        step = int(cfg.get("decoder_sparse_step", 1) or 1)
+        moe_layers = [
+            int(i not in mlp_only and num_experts > 0 and (i + 1) % step == 0) for i in range(n_layers)
+        ]
+        if cfg.get("use_sliding_window"):
+            raise BridgeError("use_sliding_window=True is not supported for qwen3_moe by the bridge")
+    else:
+        num_experts = int(cfg.get("n_routed_experts", cfg.get("num_local_experts", 0)))
+        types = cfg.get("mlp_layer_types")
+        if types is None:
+            k = int(cfg.get("first_k_dense_replace", 1))
+            types = ["dense"] * k + ["sparse"] * (n_layers - k)
+        if len(types) != n_layers:
+            raise BridgeError(f"mlp_layer_types has {len(types)} entries, num_hidden_layers={n_layers}")
+        moe_layers = [int(t == "sparse") for t in types]
+    if num_experts < 1:
+        raise BridgeError(f"{model_type}: expert count (num_experts / n_routed_experts) must be >= 1")
+    return HFModelInfo(
+        family=family,
+        raw=cfg,
+        num_layers=n_layers,
+        hidden_size=int(cfg["hidden_size"]),
+        vocab_size=int(cfg["vocab_size"]),
+        num_experts=num_experts,
+        num_null_experts=int(zce[0]),
+        moe_layers=moe_layers,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        rope_theta=_rope(cfg),
+    )
+
+
+def transformer_config(info: HFModelInfo, *, params_dtype=torch.float32, **overrides):
+    """Build the megatron-core TransformerConfig (MLATransformerConfig for GLM) for ``info``.
+
+    ``overrides`` are passed to the config last (parallel sizes, load-balancing settings, ...).
+    """
+    from megatron.core.transformer import MLATransformerConfig, TransformerConfig
+
+    from zeda_megatron.platform import cpu_config_overrides
+
+    cfg = info.raw
+    common = dict(
+        num_layers=info.num_layers,
+        hidden_size=info.hidden_size,
+        ffn_hidden_size=int(cfg["intermediate_size"]),
+        num_attention_heads=int(cfg["num_attention_heads"]),
+        normalization="RMSNorm",
+        layernorm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        num_moe_experts=info.num_experts,
+        moe_router_topk=int(cfg["num_experts_per_tok"]),
+        moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]),
+        moe_layer_freq=list(info.moe_layers),
+        moe_token_dispatcher_type="alltoall",
+        moe_router_dtype="fp32",
+        moe_grouped_gemm=False,
+    )
+    if info.family == QWEN3:
+        common.update(
+            num_query_groups=int(cfg["num_key_value_heads"]),
+            kv_channels=int(cfg.get("head_dim") or info.hidden_size // int(cfg["num_attention_heads"])),
+            qk_layernorm=True,
+            moe_router_score_function="softmax",
+            moe_router_pre_softmax=not bool(cfg.get("norm_topk_prob", False)),
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=float(cfg.get("router_aux_loss_coef", 1e-3)),
+        )
+        cls = TransformerConfig
+    else:
+        if not cfg.get("norm_topk_prob", True) and int(cfg["num_experts_per_tok"]) > 1:
+            raise BridgeError(
+                "glm4_moe_lite with norm_topk_prob=False is not supported: megatron-core's sigmoid "
+                "router always renormalises the top-k weights"
+            )
+        n_group = int(cfg.get("n_group", 1) or 1)
+        topk_group = int(cfg.get("topk_group", 1) or 1)
+        topk = int(cfg["num_experts_per_tok"])
+        if n_group > 1 and topk // topk_group != 2:
+            raise BridgeError(
+                f"n_group={n_group}, topk_group={topk_group}, num_experts_per_tok={topk}: HF scores a "
+                "group by its top-2 experts, megatron-core by its top-(topk/topk_group); they agree only "
+                "when num_experts_per_tok // topk_group == 2"
+            )
+        if cfg.get("q_lora_rank") is None:
+            raise BridgeError(
+                "glm4_moe_lite with q_lora_rank=None (no query compression) is not supported by the bridge"
+            )
+        n_heads = int(cfg["num_attention_heads"])
+        if int(cfg.get("num_key_value_heads", n_heads)) != n_heads:
+            raise BridgeError("glm4_moe_lite with num_key_value_heads != num_attention_heads is not supported")
+        common.update(
+            num_query_groups=n_heads,
+            kv_channels=int(cfg["v_head_dim"]),
+            qk_layernorm=True,  # the q/kv latent RMSNorms
+            q_lora_rank=cfg.get("q_lora_rank"),
+            kv_lora_rank=int(cfg["kv_lora_rank"]),
+            qk_head_dim=int(cfg["qk_nope_head_dim"]),
+            qk_pos_emb_head_dim=int(cfg["qk_rope_head_dim"]),
+            v_head_dim=int(cfg["v_head_dim"]),
+            rope_type="rope",
+            rotary_base=info.rope_theta,
+            rotary_scaling_factor=1.0,
+            mscale=1.0,
+            mscale_all_dim=0.0,
+            moe_router_score_function="sigmoid",
+            moe_router_pre_softmax=False,
+            moe_router_enable_expert_bias=True,
+            moe_router_bias_update_rate=0.0,
+            moe_router_topk_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+            moe_router_num_groups=n_group if n_group > 1 else None,
+            moe_router_group_topk=topk_group if n_group > 1 else None,
+            moe_shared_expert_intermediate_size=int(cfg["moe_intermediate_size"])
+            * int(cfg.get("n_shared_experts", 1) or 0)
+            or None,
+            moe_router_load_balancing_type="seq_aux_loss",
+            moe_aux_loss_coeff=1e-3,
+        )
+        cls = MLATransformerConfig
+    common.update(cpu_config_overrides())
+    common.update(overrides)
+    return cls(**common)
+
+
+# HF q_a_layernorm / kv_a_layernorm are built with their class default eps (1e-6), not rms_norm_eps.
+GLM_LATENT_NORM_EPS = 1e-6
