@@ -10,16 +10,25 @@ stamp="$VENV/.zeda-setup-$(cat requirements.txt scripts/setup.sh | sha1sum | cut
 if [ -f "$stamp" ]; then echo "[setup] $VENV is up to date"; exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 VPY="$VENV/bin/python"
-"$VPY" -m pip install -q --upgrade pip setuptools wheel
+# pip, quiet, minus the noise about this machine's local index mirrors; fails when pip fails.
+pipq() {
+  local log rc=0
+  log=$(mktemp)
+  "$VPY" -m pip install -q "$@" >"$log" 2>&1 || rc=$?
+  grep -v "^WARNING: Location" "$log" >&2 || true
+  rm -f "$log"
+  return $rc
+}
+pipq --upgrade pip setuptools wheel
 # torch first and alone, exact version, so nothing later can pull a CUDA build.
-"$VPY" -m pip install -q "torch==2.13.0"
-"$VPY" -m pip install -q -r requirements.txt
+pipq "torch==2.13.0"
+pipq -r requirements.txt
 if "$VPY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)'; then
-  "$VPY" -m pip install -q "megatron-core==0.19.2"
+  pipq "megatron-core==0.19.2"
 else
   # The cp311 wheel exists and works; only its metadata claims >=3.12. Its deps are in requirements.txt.
-  "$VPY" -m pip install -q --no-deps --ignore-requires-python "megatron-core==0.19.2"
+  pipq --no-deps --ignore-requires-python "megatron-core==0.19.2"
 fi
-"$VPY" -m pip install -q --no-deps -e .
-"$VPY" -c 'import torch, megatron.core, transformers, hydra; print("[setup] torch", torch.__version__, "| megatron-core", megatron.core.__version__, "| transformers", transformers.__version__)'
+pipq --no-deps -e .
+PYTHONWARNINGS=ignore "$VPY" -c 'import torch, megatron.core, transformers, hydra; print("[setup] torch", torch.__version__, "| megatron-core", megatron.core.__version__, "| transformers", transformers.__version__)'
 rm -f "$VENV"/.zeda-setup-*; touch "$stamp"
