@@ -1,0 +1,38 @@
+"""The main job (layer demo) and the layer benchmark run end to end (tiny settings)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def test_demo_runs_and_writes_summary(tmp_path):
+    out = tmp_path / "demo.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "zeda_megatron.demo", "--ep", "1", "--steps", "3", "--out", str(out)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["target_null_share"] == 0.5 and len(summary["history"]) == 3
+    final = summary["final"]
+    assert final["rows_sent"] < final["stock_rows"]
+    assert "null share" in res.stdout
+
+
+def test_bench_prints_ratio_table():
+    res = subprocess.run(
+        [sys.executable, "tools/bench_moe_layer.py", "--iters", "1", "--warmup", "0", "--tokens", "64",
+         "--hidden", "32", "--ffn", "32", "--experts", "4", "--null-experts", "4", "--topk", "2"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| 0.")]
+    assert len(rows) == 4
+    # rows sent track the null share exactly: 1 - share of the 64*2 stock rows
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert float(cells[5]) == round(1 - float(cells[1]), 2)
