@@ -23,8 +23,14 @@ CPU split sizes as tensors (moe/moe_utils.py), which    as it does for CUDA ones
 ``all_to_all_single`` rejects
 CUDA RNG tracker ``fork()`` even at dropout 0           :class:`CPURNGStatesTracker`, same API,
 (tensor_parallel/random.py)                             forks the CPU generator
-``torch.zeros(..., device="cuda")`` token counters      ``torch.zeros`` maps ``device="cuda"`` to
-in pipeline_parallel/schedules.py                       CPU (only inside that module)
+``device="cuda"`` tensor factories: token counters in   inside those modules only, ``torch``'s
+pipeline_parallel/schedules.py, loss-scale/found-inf    tensor factories map ``device="cuda"`` to
+tensors in optimizer/optimizer.py, norms in             the CPU
+optimizer/clip_grads.py and utils.py (multi-tensor
+l2 norm fallback), DDP buffer warm-up in
+distributed/param_and_grad_buffer.py
+``clip_grad_by_total_norm_fp32`` asserts grads are      the same scaling without the type assert
+``torch.cuda.FloatTensor`` (optimizer/clip_grads.py)    (optimizer/optimizer.py's reference)
 =====================================================  ==========================================
 
 Settings that must stay off on CPU (validated by :func:`check_cpu_config`): fused kernels
@@ -46,6 +52,28 @@ log = logging.getLogger(__name__)
 
 _INSTALLED = False
 CPU = torch.device("cpu")
+_CUDA_FACTORY_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.utils",  # local_multi_tensor_l2_norm (grad norm without apex/TE)
+)
+
+
+def _cpu_factories_torch():
+    """A stand-in for the ``torch`` module whose tensor factories send device="cuda" to the CPU."""
+
+    def wrap(factory):
+        def make(*args, device=None, **kwargs):
+            if device is not None and str(device).startswith("cuda"):
+                device = CPU
+            return factory(*args, device=device, **kwargs)
+
+        return make
+
+    names = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like")
+    return types.SimpleNamespace(**{**vars(torch), **{n: wrap(getattr(torch, n)) for n in names}})
 
 
 def on_cpu() -> bool:
@@ -148,7 +176,6 @@ def setup_platform() -> bool:
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.set_device = lambda *a, **k: None
 
-    from megatron.core.pipeline_parallel import schedules
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     _orig_move = moe_utils.maybe_move_tensor_to_cpu
@@ -161,14 +188,29 @@ def setup_platform() -> bool:
     moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
-    # schedules.py allocates its token counter with device="cuda"; give that module a torch whose
-    # zeros() maps "cuda" to the CPU, leaving the global torch untouched.
-    def _zeros(*args, device=None, **kwargs):
-        if device is not None and str(device).startswith("cuda"):
-            device = CPU
-        return torch.zeros(*args, device=device, **kwargs)
+    # Modules that allocate with device="cuda" get a torch whose tensor factories map "cuda" to
+    # the CPU; the global torch is left untouched.
+    import importlib
 
-    schedules.torch = types.SimpleNamespace(**{**vars(torch), "zeros": _zeros})
+    cpu_torch = _cpu_factories_torch()
+    for name in _CUDA_FACTORY_MODULES:
+        importlib.import_module(name).torch = cpu_torch
+
+    from megatron.core.optimizer import clip_grads, optimizer as mc_optimizer
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if isinstance(clip_coeff, torch.Tensor):
+            clip_coeff = clip_coeff.clamp_max(1.0)
+        elif clip_coeff >= 1.0:
+            return
+        for g in grads:
+            g.mul_(clip_coeff)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    mc_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
     install_cpu_rng_tracker()
     _INSTALLED = True
