@@ -35,7 +35,7 @@ class CoLocatedDistillation(torch.nn.Module):
 
     Non-last stages return ``cat([student_hidden, teacher_hidden], -1)``; the last stage returns
     ``(student_logits, teacher_logits)``. With ``teacher_enabled = False`` (sampling) the teacher
-    is skipped and its half of the activation is zeros.
+    is skipped: its half of the activation is zeros and the last stage returns the student logits.
     """
 
     def __init__(self, student_ddp, teacher):
@@ -76,7 +76,7 @@ class CoLocatedDistillation(torch.nn.Module):
             t = None
         if not self.student.post_process:
             return torch.cat([s, torch.zeros_like(s) if t is None else t], dim=-1)
-        return s, t
+        return s if t is None else (s, t)  # the schedule wants a tensor from forward-only passes
 
 
 def freeze_teacher(teacher) -> None:
@@ -150,8 +150,6 @@ class Engine:
     info: object
     null: object
     loss_spec: LossSpec
-    seq_length: int
-    micro_batch_size: int
     extra: dict = field(default_factory=dict)
 
     @property
@@ -164,7 +162,7 @@ class Engine:
 
 
 def build_engine(*, hf_dir: str, null, group_loss_coeff: float, loss_spec: LossSpec, optim: dict,
-                 max_steps: int, seq_length: int, micro_batch_size: int, seed: int,
+                 max_steps: int, seed: int,
                  init_checkpoint: str | None = None, recompute: bool = False, router_replay: bool = False,
                  params_dtype=None) -> Engine:
     """Build teacher and student for this rank (after init_parallel), load the HF weights into both
@@ -180,6 +178,9 @@ def build_engine(*, hf_dir: str, null, group_loss_coeff: float, loss_spec: LossS
     dtype = params_dtype or (torch.float32 if cpu else torch.bfloat16)
     teacher, info, _ = build_model(hf_dir, None, params_dtype=dtype)
     load_hf_weights(teacher, hf_dir, seed=seed)
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    RouterReplay.clear_global_router_replay_instances()  # one student per process owns the list
     student_overrides = dict(
         moe_router_load_balancing_type="grouped_aux_loss", moe_aux_loss_coeff=group_loss_coeff,
         calculate_per_token_loss=True, moe_enable_routing_replay=router_replay,
@@ -213,7 +214,7 @@ def build_engine(*, hf_dir: str, null, group_loss_coeff: float, loss_spec: LossS
     config.finalize_model_grads_func = lambda model, num_tokens=None, **kw: finalize_model_grads([ddp], num_tokens, **kw)
     config.grad_scale_func = optimizer.scale_loss
     wrapper = CoLocatedDistillation(ddp, teacher)
-    return Engine(wrapper, ddp, optimizer, scheduler, config, info, null, loss_spec, seq_length, micro_batch_size)
+    return Engine(wrapper, ddp, optimizer, scheduler, config, info, null, loss_spec)
 
 
 # ---- one optimizer step -----------------------------------------------------------------------------
@@ -223,7 +224,8 @@ def _pp_size():
     return ps.get_pipeline_model_parallel_world_size()
 
 
-def _run_schedule(engine: Engine, microbatches, forward_only: bool, forward_step):
+def _run_schedule(engine: Engine, microbatches, forward_only: bool, forward_step, *, seq_length=None,
+                  collect_non_loss_data=False):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     fb = get_forward_backward_func()
@@ -232,8 +234,9 @@ def _run_schedule(engine: Engine, microbatches, forward_only: bool, forward_step
         kwargs["adjust_tensor_shapes_fn"] = double_hidden_shapes
     return fb(
         forward_step_func=forward_step, data_iterator=iter(microbatches), model=engine.wrapper,
-        num_microbatches=len(microbatches), seq_length=engine.seq_length,
-        micro_batch_size=engine.micro_batch_size, forward_only=forward_only, **kwargs,
+        num_microbatches=len(microbatches), seq_length=seq_length or microbatches[0]["tokens"].shape[1],
+        micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=forward_only,
+        collect_non_loss_data=collect_non_loss_data, **kwargs,
     )
 
 
@@ -251,7 +254,6 @@ def train_step(engine: Engine, microbatches, replay=None) -> dict:
 
     engine.wrapper.train()
     engine.wrapper.teacher_enabled = True
-    device = engine.student.embedding.word_embeddings.weight.device if engine.student.pre_process else None
     counter = iter(range(len(microbatches)))
 
     def forward_step(data_iterator, model):
