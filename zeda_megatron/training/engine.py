@@ -190,7 +190,9 @@ def build_engine(*, hf_dir: str, null, group_loss_coeff: float, loss_spec: LossS
     student, _, config = build_model(hf_dir, null, params_dtype=dtype, **student_overrides)
     load_hf_weights(student, hf_dir, seed=seed)
     if init_checkpoint:
-        load_student(student, init_checkpoint)
+        from zeda_megatron.training.checkpoint import load_model_only
+
+        load_model_only(student, init_checkpoint)
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=not cpu,
@@ -334,12 +336,3 @@ def null_metrics(engine: Engine, reset: bool = True) -> dict:
         "expert_flops_removed": share,  # routed expert slots (the reference release's measure)
         "expert_flops_removed_incl_shared": share * routed / (routed + shared),
     }
-
-
-# ---- checkpoints of the student -------------------------------------------------------------------
-def load_student(student, ckpt_dir: str) -> None:
-    from megatron.core import dist_checkpointing
-
-    path = os.path.join(ckpt_dir, "model") if os.path.isdir(os.path.join(ckpt_dir, "model")) else ckpt_dir
-    state = dist_checkpointing.load(student.sharded_state_dict(), path)
-    student.load_state_dict(state, strict=True)

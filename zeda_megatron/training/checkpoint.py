@@ -1,0 +1,88 @@
+"""Student checkpoints: megatron-core dist_checkpointing (model + optimizer), scheduler, step.
+
+Layout: ``SAVE_DIR/iter_0000020/`` (a dist_checkpointing directory: loads under any layout) and
+``SAVE_DIR/latest`` naming the newest complete one. ``latest`` is replaced atomically after every
+rank finished writing, so an interrupted save never hides the previous checkpoint. The teacher is
+not saved: it is the original model, rebuilt from its source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch.distributed as dist
+
+LATEST = "latest"
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _sharded_state(engine, is_loading: bool):
+    model_sd = engine.student.sharded_state_dict()
+    opt_sd = engine.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    return {"model": model_sd, "optimizer": opt_sd}
+
+
+def save(engine, step: int, save_dir: str, extra: dict | None = None) -> str:
+    """All ranks call. Returns the checkpoint directory."""
+    from megatron.core import dist_checkpointing
+
+    path = os.path.join(save_dir, f"iter_{step:07d}")
+    if _rank0():
+        os.makedirs(path, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save(_sharded_state(engine, is_loading=False), path)
+    _barrier()
+    if _rank0():
+        meta = {"step": step, "scheduler": engine.scheduler.state_dict(), **(extra or {})}
+        with open(os.path.join(path, "zeda_train.json"), "w") as f:
+            json.dump(meta, f, indent=1, default=str)
+        tmp = os.path.join(save_dir, LATEST + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(os.path.basename(path))
+        os.replace(tmp, os.path.join(save_dir, LATEST))
+    _barrier()
+    return path
+
+
+def latest(save_dir: str) -> str | None:
+    marker = os.path.join(save_dir, LATEST)
+    if not os.path.isfile(marker):
+        return None
+    with open(marker) as f:
+        return os.path.join(save_dir, f.read().strip())
+
+
+def load(engine, path: str) -> dict:
+    """Restore student weights, optimizer and scheduler from ``path``; returns its metadata."""
+    from megatron.core import dist_checkpointing
+
+    meta_path = os.path.join(path, "zeda_train.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{path!r} is not a training checkpoint (no zeda_train.json); check trainer.resume")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    state = dist_checkpointing.load(_sharded_state(engine, is_loading=True), path)
+    engine.student.load_state_dict(state["model"], strict=True)
+    engine.optimizer.load_state_dict(state["optimizer"])
+    engine.scheduler.load_state_dict(meta["scheduler"])
+    return meta
+
+
+def load_model_only(student, path: str) -> None:
+    """Start a student from another run's checkpoint (stage 2 from stage 1): weights only."""
+    from megatron.core import dist_checkpointing
+
+    if os.path.isfile(os.path.join(path, LATEST)):
+        path = latest(path)
+    sharded = {"model": student.sharded_state_dict()}
+    state = dist_checkpointing.load(sharded, path)
+    student.load_state_dict(state["model"], strict=True)

@@ -1,0 +1,84 @@
+"""SIGTERM / SIGUSR1 -> "save a checkpoint and exit cleanly" (Slurm preemption and requeue).
+
+The handler only sets a flag; the training loop polls it once per step, after the optimizer step:
+
+    install_signal_handlers()
+    for step in ...:
+        train_step(...)
+        if stop_requested_all():      # agreed by every rank (all-reduce MAX)
+            save_checkpoint(...); break
+
+Slurm: ``#SBATCH --signal=USR1@120`` (to the job steps; ``B:USR1@120`` only reaches the batch shell)
+plus ``--requeue``; the requeued job resumes from the checkpoint (``trainer.resume=auto``). torchrun
+forwards SIGTERM to its workers. Ranks may see the signal at different steps, hence
+:func:`stop_requested_all`, which every rank must call at the same point of every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+_state = {"signal": None, "previous": {}}
+
+
+def _handler(signum, frame):
+    if _state["signal"] is None:
+        log.warning("received %s: will save a checkpoint and exit after this step", signal.Signals(signum).name)
+    _state["signal"] = signum
+
+
+def install_signal_handlers(signals=DEFAULT_SIGNALS) -> None:
+    """Install the flag-setting handler (main thread only; idempotent)."""
+    for sig in signals:
+        prev = signal.signal(sig, _handler)
+        if prev is not _handler:
+            _state["previous"][sig] = prev
+
+
+def restore_signal_handlers() -> None:
+    """Put back the handlers that were there before :func:`install_signal_handlers`."""
+    for sig, prev in list(_state["previous"].items()):
+        signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+    _state["previous"].clear()
+
+
+def stop_requested() -> bool:
+    """True once a handled signal arrived in this process."""
+    return _state["signal"] is not None
+
+
+def received_signal() -> int | None:
+    """The signal number that requested the stop (None if none)."""
+    return _state["signal"]
+
+
+def request_stop(signum: int = signal.SIGTERM) -> None:
+    """Set the flag as if ``signum`` had arrived (tests, or a loop that wants to stop itself)."""
+    _state["signal"] = signum
+
+
+def reset() -> None:
+    """Clear the flag (tests; a loop that goes on after handling it)."""
+    _state["signal"] = None
+
+
+def stop_requested_all(group=None) -> bool:
+    """:func:`stop_requested` agreed across the ranks of ``group`` (all-reduce MAX); every rank must
+    call it at the same point. Without an initialised process group, the local flag."""
+    import torch
+    import torch.distributed as dist
+
+    local = stop_requested()
+    if not dist.is_available() or not dist.is_initialized():
+        return local
+    device = "cpu"
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
