@@ -109,10 +109,11 @@ def build_model(
 
         validate(config, null, ep_size=ep)
     spec = _block_spec(config, null, vp_stage)
+    virtual = vp_stage is not None
     if pre_process is None:
-        pre_process = ps.is_pipeline_first_stage(ignore_virtual=True)
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
     if post_process is None:
-        post_process = ps.is_pipeline_last_stage(ignore_virtual=True)
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -128,10 +129,14 @@ def build_model(
     )
     if info.family == GLM:
         # HF builds q_a_layernorm / kv_a_layernorm with eps 1e-6 whatever rms_norm_eps says.
+        # (With Transformer Engine the norms live inside linear_{q,kv}_up_proj, which also have .eps.)
         for layer in model.decoder.layers:
             attn = layer.self_attention
-            for norm in (getattr(attn, "q_layernorm", None), getattr(attn, "kv_layernorm", None)):
-                if norm is not None and hasattr(norm, "eps"):
+            for mod in ("q_layernorm", "kv_layernorm", "linear_q_up_proj", "linear_kv_up_proj"):
+                norm = getattr(attn, mod, None)
+                if norm is not None and hasattr(norm, "eps") and (
+                    mod.endswith("layernorm") or hasattr(norm, "layer_norm_weight")
+                ):
                     norm.eps = GLM_LATENT_NORM_EPS
     model.zeda_hf_info = info
     model.zeda_null = null

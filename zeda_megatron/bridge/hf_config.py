@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,6 @@ class HFModelInfo:
     tie_word_embeddings: bool
     max_position_embeddings: int
     rope_theta: float
-    extra: dict = field(default_factory=dict)
 
 
 def read_config_json(hf_dir: str) -> dict:
@@ -101,7 +100,10 @@ def model_info(cfg: dict) -> HFModelInfo:
     if cfg.get("hidden_act", "silu") != "silu":
         raise BridgeError(f"hidden_act={cfg.get('hidden_act')!r}: only 'silu' (SwiGLU) is supported")
     if cfg.get("attention_bias"):
-        raise BridgeError("attention_bias=True is not supported by the bridge (both target models have none)")
+        raise BridgeError(
+            "attention_bias=True is not supported by the bridge (megatron-core 0.19.2's multi-latent "
+            "attention has no projection biases; the transformers defaults of both families are False)"
+        )
     if family == QWEN3:
         num_experts = int(cfg.get("num_experts", cfg.get("num_local_experts", 0)))
         mlp_only = set(cfg.get("mlp_only_layers") or [])
@@ -120,6 +122,10 @@ def model_info(cfg: dict) -> HFModelInfo:
         if len(types) != n_layers:
             raise BridgeError(f"mlp_layer_types has {len(types)} entries, num_hidden_layers={n_layers}")
         moe_layers = [int(t == "sparse") for t in types]
+        if cfg.get("scoring_func", "sigmoid") != "sigmoid":
+            raise BridgeError(f"glm4_moe_lite with scoring_func={cfg.get('scoring_func')!r}: only 'sigmoid' is supported")
+        if cfg.get("topk_method", "noaux_tc") != "noaux_tc":
+            raise BridgeError(f"glm4_moe_lite with topk_method={cfg.get('topk_method')!r}: only 'noaux_tc' is supported")
     if num_experts < 1:
         raise BridgeError(f"{model_type}: expert count (num_experts / n_routed_experts) must be >= 1")
     return HFModelInfo(

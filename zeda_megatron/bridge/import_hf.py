@@ -229,16 +229,19 @@ def load_hf_weights(model, hf_dir: str, *, seed: int = DEFAULT_SEED, reader=None
 
 
 def import_hf(hf_dir: str, *, num_null_experts: int | None = None, null_ratio: float | None = None,
-              seed: int = DEFAULT_SEED, null_weight: float = 1.0, mask_null_experts: bool = False,
+              seed: int = DEFAULT_SEED, null_weight: float = 1.0, mask_null_experts: bool | None = None,
               params_dtype=torch.float32, **config_overrides):
     """Build this rank's model for ``hf_dir`` and load it. Z from ``num_null_experts`` or
-    ``null_ratio`` (Z/E), or from the checkpoint's ``zce_nums`` when neither is given.
+    ``null_ratio`` (Z/E), or from the checkpoint's ``zce_nums`` when neither is given;
+    ``mask_null_experts`` defaults to the checkpoint's ``use_zce_mask``.
     Returns ``(model, report)``."""
     from zeda_megatron.bridge.builders import build_model
     from zeda_megatron.mcore.config import NullExpertSettings
     from zeda_megatron.mcore.specs import settings_from
 
     info = model_info(read_config_json(hf_dir))
+    if mask_null_experts is None:  # a "++" checkpoint says whether its null experts are masked
+        mask_null_experts = bool(info.raw.get("use_zce_mask", False))
     if num_null_experts is None and null_ratio is None:
         null = NullExpertSettings(info.num_null_experts, null_weight, mask_null_experts)
     else:

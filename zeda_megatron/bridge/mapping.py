@@ -12,6 +12,10 @@ Written here because Megatron-Bridge does not install in this environment (Pytho
   ``kv_layernorm``=``kv_a_layernorm``, ``linear_kv_up_proj``=``kv_b_proj``. megatron-core's MLA
   RoPE is the DeepSeek interleaved one (``rope_interleave=True`` in HF, GLM-4.7-Flash's setting); for
   ``rope_interleave=False`` the rope rows are permuted at import (and back at export).
+* Transformer Engine spec names (GPU) are mapped too: norms fused into the following linear
+  (``linear_qkv.layer_norm_weight``, ``mlp.linear_fc1.layer_norm_weight``,
+  ``linear_q_up_proj.layer_norm_weight``, ``linear_kv_up_proj.layer_norm_weight``) and grouped-GEMM
+  experts (``mlp.experts.linear_fc1.weight{i}``). These are not exercised by the CPU tests.
 * MoE: ``router.weight`` [E+Z, H] = ``mlp.gate.weight`` (+ Z null rows), ``router.expert_bias`` [E]
   and ``router.null_expert_bias`` [Z] = ``mlp.gate.e_score_correction_bias`` [E(+Z)], experts from
   either the per-expert keys (``mlp.experts.{e}.gate_proj.weight``, what released checkpoints and
@@ -73,8 +77,10 @@ def resolve(local_name: str, model, info) -> Entry | None:
     p = f"model.layers.{g}."
     if rest == "input_layernorm.weight":
         return Entry("copy", [p + "input_layernorm.weight"], layer=g)
-    if rest == "pre_mlp_layernorm.weight":
+    if rest in ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"):  # local / TE-fused
         return Entry("copy", [p + "post_attention_layernorm.weight"], layer=g)
+    if rest == "self_attention.linear_qkv.layer_norm_weight":  # TE: input norm fused into qkv
+        return Entry("copy", [p + "input_layernorm.weight"], layer=g)
     a = p + "self_attn."
     attn = {
         "self_attention.linear_proj.weight": a + "o_proj.weight",
@@ -82,6 +88,9 @@ def resolve(local_name: str, model, info) -> Entry | None:
         "self_attention.k_layernorm.weight": a + "k_norm.weight",
         "self_attention.linear_q_down_proj.weight": a + "q_a_proj.weight",
         "self_attention.kv_layernorm.weight": a + "kv_a_layernorm.weight",
+        # Transformer Engine spec: the latent norms are fused into the up projections
+        "self_attention.linear_q_up_proj.layer_norm_weight": a + "q_a_layernorm.weight",
+        "self_attention.linear_kv_up_proj.layer_norm_weight": a + "kv_a_layernorm.weight",
         "self_attention.linear_kv_up_proj.weight": a + "kv_b_proj.weight",
     }
     if rest in attn:

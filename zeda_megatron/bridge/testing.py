@@ -123,13 +123,52 @@ def pipeline_logits(model, input_ids: torch.Tensor) -> torch.Tensor | None:
         return out
 
 
-def dist_import_logits(rank, world, hf_dir, ep, pp, input_ids, null_kwargs):
-    """Worker: import ``hf_dir`` under EP/PP on ``world`` gloo ranks; return logits (last stage)
-    and the checkpoint keys this rank read."""
+def dist_import_logits(rank, world, hf_dir, ep, pp, input_ids, null_kwargs, tp=1, ckpt_dir=None):
+    """Worker: import ``hf_dir`` under TP/EP/PP on ``world`` gloo ranks; return the full-vocab
+    logits (last stage, None elsewhere) and the checkpoint keys this rank read. With ``ckpt_dir``
+    the model is also saved there as a megatron-core distributed checkpoint."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
     from zeda_megatron.bridge.import_hf import import_hf
     from zeda_megatron.distributed import init_parallel
 
-    init_parallel(tp=1, pp=pp, ep=ep)
+    init_parallel(tp=tp, pp=pp, ep=ep)
     model, report = import_hf(hf_dir, **null_kwargs)
     logits = pipeline_logits(model, input_ids) if pp > 1 else mcore_logits(model, input_ids)
+    if logits is not None and tp > 1:
+        logits = gather_from_tensor_model_parallel_region(logits)
+    if ckpt_dir is not None:
+        from zeda_megatron.bridge.checkpoint import save_checkpoint
+
+        save_checkpoint(model, ckpt_dir, hf_dir=hf_dir, seed=null_kwargs.get("seed"))
     return {"logits": logits, "read": report["read"]}
+
+
+def dist_export(rank, world, ckpt_dir, out_dir, ep, pp, tp=1):
+    """Worker: load a convert_hf checkpoint under TP/EP/PP and export it to ``out_dir``."""
+    from zeda_megatron.bridge.checkpoint import assets_dir, load_checkpoint
+    from zeda_megatron.bridge.export_hf import save_hf_pretrained
+    from zeda_megatron.distributed import init_parallel
+
+    init_parallel(tp=tp, pp=pp, ep=ep)
+    model = load_checkpoint(ckpt_dir)
+    save_hf_pretrained(model, out_dir, assets_dir=assets_dir(ckpt_dir))
+    return sorted(model.state_dict().keys())
+
+
+def read_hf_tensors(hf_dir: str) -> dict:
+    """All tensors of an HF directory (single file or index), for comparisons in tests."""
+    import json
+
+    from safetensors.torch import load_file
+
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    out = {}
+    for fname in files:
+        out.update(load_file(os.path.join(hf_dir, fname)))
+    return out

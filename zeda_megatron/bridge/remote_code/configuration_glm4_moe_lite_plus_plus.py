@@ -1,0 +1,23 @@
+"""GLM-4.7-Flash (glm4_moe_lite) with zero-computation (null) experts: configuration."""
+
+from transformers.models.glm4_moe_lite.configuration_glm4_moe_lite import Glm4MoeLiteConfig
+
+try:
+    from huggingface_hub.dataclasses import strict
+except ImportError:  # older huggingface_hub: plain subclass
+    def strict(cls):
+        return cls
+
+
+@strict
+class Glm4MoeLitePlusPlusConfig(Glm4MoeLiteConfig):
+    """``Glm4MoeLiteConfig`` plus ``zce_nums`` ([Z], null experts per MoE layer), ``zce_types``
+    (``["zero"]``) and ``use_zce_mask`` (route as if the null experts did not exist)."""
+
+    model_type = "glm4_moe_lite_plus_plus"
+    zce_nums: list[int] | None = None
+    zce_types: list[str] | None = None
+    use_zce_mask: bool = False
+
+
+__all__ = ["Glm4MoeLitePlusPlusConfig"]
