@@ -151,8 +151,12 @@ def read_jsonl(path: str, fmt: str = "auto", need: str = "train") -> tuple[list[
     if path is None or not os.path.isfile(str(path)):
         raise ValueError(f"data file {path!r} does not exist (data.path / data.eval_path)")
     records: list[dict] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: line {lineno} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
             if not line.strip():
                 continue
             try:
@@ -419,6 +423,15 @@ def sample_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     for g in range(start, start + count):
         epoch, pos = divmod(g, n)
         out.append(int(_epoch_order(n, seed, epoch)[pos]))
+    return out
+
+
+def prompts_of(batch: dict, repeat: int = 1) -> list[list[int]]:
+    """The prompt token ids of a (prompt) micro-batch, each repeated ``repeat`` times in a row
+    (``stage.samples_per_prompt``), ready for :func:`zeda_megatron.training.opd.sample`."""
+    out = []
+    for row, n in zip(batch["tokens"], batch["prompt_length"]):
+        out.extend([row[: int(n)].tolist()] * repeat)
     return out
 
 

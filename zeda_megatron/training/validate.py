@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 
 STAGES = ("sft", "opd")
 KL_TYPES = ("exact", "sampled")
-KL_DIRECTIONS = ("forward", "reverse")
 PRECISIONS = ("auto", "bf16", "fp32")
 RECOMPUTE = (False, True, "full", "selective", "none")
 SCHEDULES = ("cosine", "constant")
@@ -168,8 +167,6 @@ def validate_config(cfg, world_size: int, check_data: bool = True) -> RunPlan:
     # ---- stage -------------------------------------------------------------------------------------
     stage = _choice(cfg, "stage.name", STAGES, " (stage=sft for stage 1, stage=opd for stage 2)")
     kl = _choice(cfg, "stage.kl", KL_TYPES, " (exact: full vocabulary; sampled: the on-policy estimator)")
-    if _get(cfg, "stage.kl_direction") is not None:
-        _choice(cfg, "stage.kl_direction", KL_DIRECTIONS)
     nll_w = _num(cfg, "stage.nll_weight", lo=0)
     kl_w = _num(cfg, "stage.kl_weight", lo=0)
     if nll_w == 0 and kl_w == 0:
@@ -181,8 +178,6 @@ def validate_config(cfg, world_size: int, check_data: bool = True) -> RunPlan:
             "stage.kl=sampled is the on-policy estimator on the student's own samples (stage=opd); "
             "with stage=sft use stage.kl=exact"
         )
-    if stage == "opd" and _get(cfg, "stage.kl_direction", "reverse") != "reverse" and kl == "sampled":
-        raise ConfigError("stage.kl=sampled estimates the reverse KL; set stage.kl_direction=reverse")
     _num(cfg, "stage.temperature", lo=0, lo_open=True)
     max_new = _int(cfg, "stage.max_new_tokens", minimum=1)
     spp = _int(cfg, "stage.samples_per_prompt", minimum=1)
