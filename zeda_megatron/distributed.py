@@ -34,14 +34,14 @@ def init_parallel(
 
     cpu = setup_platform()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(free_port())
         rank = int(os.environ.get("RANK", "0"))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if not cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("gloo" if cpu else "nccl", rank=rank, world_size=world)
+        # torchrun/srun give MASTER_ADDR/PORT; a lone process gets a private port without touching
+        # os.environ (child processes it launches must not inherit a port that is taken).
+        init = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{free_port()}"
+        dist.init_process_group("gloo" if cpu else "nccl", init_method=init, rank=rank, world_size=world)
     world = dist.get_world_size()
     for name, size in (("tensor parallel (tp)", tp), ("pipeline parallel (pp)", pp), ("expert parallel (ep)", ep)):
         if size < 1:

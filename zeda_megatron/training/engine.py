@@ -164,7 +164,7 @@ class Engine:
 def build_engine(*, hf_dir: str, null, group_loss_coeff: float, loss_spec: LossSpec, optim: dict,
                  max_steps: int, seed: int,
                  init_checkpoint: str | None = None, recompute: bool = False, router_replay: bool = False,
-                 params_dtype=None) -> Engine:
+                 params_dtype=None, sequence_parallel: bool = False) -> Engine:
     """Build teacher and student for this rank (after init_parallel), load the HF weights into both
     (null rows drawn for the student with ``seed``), wrap the student in DDP and build the optimizer."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -176,14 +176,14 @@ def build_engine(*, hf_dir: str, null, group_loss_coeff: float, loss_spec: LossS
 
     cpu = on_cpu()
     dtype = params_dtype or (torch.float32 if cpu else torch.bfloat16)
-    teacher, info, _ = build_model(hf_dir, None, params_dtype=dtype)
+    teacher, info, _ = build_model(hf_dir, None, params_dtype=dtype, sequence_parallel=sequence_parallel)
     load_hf_weights(teacher, hf_dir, seed=seed)
     from megatron.core.transformer.moe.router_replay import RouterReplay
 
     RouterReplay.clear_global_router_replay_instances()  # one student per process owns the list
     student_overrides = dict(
         moe_router_load_balancing_type="grouped_aux_loss", moe_aux_loss_coeff=group_loss_coeff,
-        calculate_per_token_loss=True, moe_enable_routing_replay=router_replay,
+        calculate_per_token_loss=True, moe_enable_routing_replay=router_replay, sequence_parallel=sequence_parallel,
     )
     if recompute:
         student_overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)

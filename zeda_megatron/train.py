@@ -1,0 +1,231 @@
+"""The distillation job: ``python -m zeda_megatron.train model=tiny_qwen3 stage=sft trainer.max_steps=20``.
+
+One process, or several under ``torchrun`` (Slurm: ``srun torchrun ...``, see slurm/). Composed by
+Hydra from conf/; the run folder holds the resolved config (config.yaml), ``metrics.jsonl`` (one JSON
+object per step) and ``checkpoints/``. Everything is checked before any model is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("zeda_megatron.train")
+
+
+def _teacher_source(cfg, plan, run_dir: str, rank0: bool) -> str:
+    """The original model's HF directory: model.hf_dir, or (tiny random-init models) a seeded random
+    checkpoint written once into the run folder with transformers' own classes."""
+    if cfg.model.hf_dir:
+        return str(cfg.model.hf_dir)
+    path = os.path.join(run_dir, "teacher_hf")
+    if rank0 and not os.path.isfile(os.path.join(path, "config.json")):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from zeda_megatron.bridge.testing import randomize_
+
+        hf = dict(plan.hf_config)
+        model_type = hf.pop("model_type")
+        torch.manual_seed(int(cfg.seed))
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf))
+        randomize_(model, seed=int(cfg.seed))
+        model.save_pretrained(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def _group_loss(num_microbatches: int) -> float:
+    """Mean group balance loss (per MoE layer and micro-batch) from megatron-core's metrics tracker."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    entry = get_moe_metrics_tracker().metrics.get("grouped_load_balancing_loss")
+    t = torch.zeros(2, dtype=torch.float64)
+    if entry is not None:
+        values = entry.values.detach().double().cpu()
+        if ps.get_tensor_model_parallel_rank() == 0:
+            t[0], t[1] = values.sum(), float((values != 0).sum())
+        entry.values.zero_()
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    # t[0]: sum over replicas, layers and micro-batches; t[1]: (replica, MoE layer) pairs seen
+    return (t[0] / (t[1] * num_microbatches)).item() if t[1] else 0.0
+
+
+def _fingerprint(module) -> str:
+    """Exact digest of a module's tensors (this rank's shard)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        if torch.is_tensor(t):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _all_ranks_true(flag: bool) -> bool:
+    t = torch.tensor([0 if flag else 1])
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return int(t) == 0
+
+
+def _resume_path(cfg, save_dir: str):
+    from zeda_megatron.training import checkpoint
+
+    mode = str(cfg.trainer.resume)
+    if mode == "never":
+        return None
+    if mode == "auto":
+        return checkpoint.latest(save_dir)
+    if not os.path.isdir(mode):
+        raise FileNotFoundError(f"trainer.resume={mode!r} is not a directory; use auto, never or a checkpoint path")
+    return checkpoint.latest(mode) or mode
+
+
+def run(cfg) -> dict:
+    """Train per ``cfg`` (a composed config); returns the last step's metrics (rank 0)."""
+    from omegaconf import OmegaConf
+
+    from zeda_megatron.distributed import destroy_parallel, init_parallel
+    from zeda_megatron.mcore.specs import settings_from
+    from zeda_megatron.platform import on_cpu
+    from zeda_megatron.training import checkpoint, signals
+    from zeda_megatron.training.data import build_dataset, iterate_batches, load_tokenizer, prompts_of
+    from zeda_megatron.training.engine import LossSpec, build_engine, null_metrics, train_step
+    from zeda_megatron.training.metrics import MetricsWriter, ProgressPrinter, WandbLogger, save_resolved_config
+    from zeda_megatron.training.validate import validate_config
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = validate_config(cfg, world)  # before any process group, model or file
+    tokenizer = load_tokenizer(cfg.model)
+    dataset = build_dataset(cfg, tokenizer)  # data errors (file, line, key) before the model
+    par = cfg.parallel
+    init_parallel(tp=plan.tp, pp=plan.pp, ep=plan.ep, etp=plan.etp, seed=int(cfg.seed))
+    rank = dist.get_rank()
+    rank0 = rank == 0
+    dirs = [str(cfg.run_dir), str(cfg.trainer.save_dir)]
+    dist.broadcast_object_list(dirs, src=0)  # ranks > 0 run Hydra without an output folder of their own
+    run_dir, save_dir = dirs
+    if rank0:
+        os.makedirs(run_dir, exist_ok=True)
+        save_resolved_config(cfg, run_dir)
+    stage = cfg.stage
+    hf_dir = _teacher_source(cfg, plan, run_dir, rank0)
+    nx = cfg.model.null_experts
+    null = settings_from(plan.num_experts, num_null_experts=nx.num, null_ratio=None if nx.num is not None else nx.ratio,
+                         null_weight=float(nx.weight), mask_null_experts=bool(nx.get("mask", False)))
+    precision = str(cfg.trainer.precision)
+    dtype = torch.float32 if precision == "fp32" or (precision == "auto" and on_cpu()) else torch.bfloat16
+    spec = LossSpec(stage.name, float(stage.nll_weight), float(stage.kl_weight), str(stage.kl), float(stage.temperature))
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    engine = build_engine(
+        hf_dir=hf_dir, null=null, group_loss_coeff=float(cfg.model.group_loss_coeff), loss_spec=spec,
+        optim=optim, max_steps=int(cfg.trainer.max_steps), seed=int(cfg.seed),
+        init_checkpoint=cfg.model.init_checkpoint, recompute=str(cfg.trainer.recompute) in ("True", "true", "full"),
+        router_replay=stage.name == "opd" and bool(stage.router_replay), params_dtype=dtype,
+        sequence_parallel=bool(cfg.parallel.get("sequence_parallel", False)),
+    )
+    start = 0
+    resume = _resume_path(cfg, save_dir)
+    if resume:
+        start = int(checkpoint.load(engine, resume)["step"])
+        if rank0:
+            log.info("resumed from %s at step %d", resume, start)
+    writer = MetricsWriter(run_dir, rank0=rank0, resume_step=start)
+    wandb = WandbLogger(cfg, rank0=rank0, run_dir=run_dir)
+    progress = ProgressPrinter(int(cfg.trainer.max_steps), rank0=rank0, enabled=bool(cfg.logging.progress), start_step=start)
+    signals.install_signal_handlers()
+    verify_teacher = bool(cfg.trainer.get("verify_teacher", False))
+    teacher_before = _fingerprint(engine.teacher) if verify_teacher else None
+
+    from megatron.core import parallel_state as ps
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mbs, nmb = int(cfg.trainer.micro_batch_size), plan.num_microbatches
+    n_samples = int(stage.samples_per_prompt) if stage.name == "opd" else 1
+    batches = iterate_batches(dataset, mbs // n_samples, nmb, dp_rank, dp, int(cfg.seed), start_step=start,
+                              max_steps=int(cfg.trainer.max_steps))
+    last, step = {}, start
+    save_interval = int(cfg.trainer.save_interval)
+    for step, micro in enumerate(batches, start=start):
+        t0 = time.time()
+        replay = None
+        if stage.name == "opd":
+            from zeda_megatron.training.opd import record_routing, sample
+
+            prompts = [prompts_of(mb, repeat=n_samples) for mb in micro]
+            gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + step * 1009 + dp_rank)
+            micro = sample(engine, prompts, max_new_tokens=int(stage.max_new_tokens), temperature=float(stage.temperature),
+                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=gen)
+            if stage.router_replay:
+                replay = record_routing(engine, micro)
+        out = train_step(engine, micro, replay=replay)
+        routing = null_metrics(engine)
+        elapsed = time.time() - t0
+        last = {
+            "step": step + 1, "loss": out["loss"], "nll": out["nll"], "kl": out["kl"],
+            "group_loss": _group_loss(nmb), "null_share": routing["null_share"],
+            "null_target": plan.null_target_share,
+            "expert_flops_removed": routing["expert_flops_removed"],
+            "expert_flops_removed_incl_shared": routing["expert_flops_removed_incl_shared"],
+            "null_share_per_layer": {str(k): v for k, v in routing["null_share_per_layer"].items()},
+            "tokens": out["tokens"], "tokens_per_s": out["tokens"] / max(elapsed, 1e-9),
+            "grad_norm": out["grad_norm"], "lr": out["lr"], "step_time_s": elapsed,
+        }
+        writer.write(step + 1, last)
+        wandb.log(last, step + 1)
+        progress.update(step + 1, last)
+        done = step + 1 == int(cfg.trainer.max_steps)
+        stop = signals.stop_requested_all()
+        if done or stop or (save_interval and (step + 1) % save_interval == 0):
+            checkpoint.save(engine, step + 1, save_dir, extra={"run_dir": run_dir})
+        if stop:
+            if rank0:
+                log.warning("stopping after step %d on signal; resume with trainer.resume=auto", step + 1)
+            break
+    writer.close()
+    wandb.finish()
+    summary = {"last": last, "steps_done": last.get("step", start), "run_dir": run_dir, "save_dir": save_dir}
+    if verify_teacher:
+        summary["teacher_unchanged"] = _all_ranks_true(_fingerprint(engine.teacher) == teacher_before)
+    if rank0:
+        import json
+
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"[zeda] run folder: {run_dir}", flush=True)
+    destroy_parallel()
+    return last
+
+
+def _hydra_argv(argv: list[str]) -> list[str]:
+    """Ranks other than 0 compose the same config but create no output folder of their own."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return argv
+    return argv + ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+                   "hydra.run.dir=."]
+
+
+def main() -> None:
+    import hydra
+
+    sys.argv = _hydra_argv(sys.argv)
+
+    @hydra.main(config_path="../conf", config_name="config", version_base=None)
+    def _main(cfg):
+        run(cfg)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
