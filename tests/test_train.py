@@ -74,6 +74,19 @@ def test_both_stages_end_to_end(tmp_path, model, parallel):
     assert _mean(rows[-2:], "kl") < _mean(rows[:2], "kl")
     assert summary(opd_dir)["teacher_unchanged"] is True
 
+    # the run's checkpoints folder exports like a converted checkpoint (null experts -> PlusPlus)
+    hf_out = tmp_path / "hf"
+    res = subprocess.run([sys.executable, "tools/export_hf.py", "--checkpoint", str(opd_dir / "checkpoints"),
+                          "--out", str(hf_out)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_out, trust_remote_code=True)
+    assert "PlusPlus" in type(hf).__name__
+    out = hf(torch.randint(0, 256, (1, 12))).logits
+    assert torch.isfinite(out).all()
+
 
 def test_pp2_matches_pp1(tmp_path):
     a, b = tmp_path / "pp1", tmp_path / "pp2"
@@ -84,6 +97,14 @@ def test_pp2_matches_pp1(tmp_path):
     for ra, rb in zip(la, lb):
         for key in ("loss", "nll", "kl", "null_share", "group_loss"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-5), (key, ra, rb)
+
+
+def test_activation_recompute_gives_the_same_losses(tmp_path):
+    args = ("model=tiny_glm", "stage=sft", "trainer.max_steps=2", "trainer.global_batch_size=2")
+    train(1, tmp_path / "a", *args)
+    train(1, tmp_path / "b", *args, "trainer.recompute=true")
+    for ra, rb in zip(metrics(tmp_path / "a"), metrics(tmp_path / "b")):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6) and ra["kl"] == pytest.approx(rb["kl"], rel=1e-5)
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):

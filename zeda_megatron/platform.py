@@ -23,6 +23,9 @@ CPU split sizes as tensors (moe/moe_utils.py), which    as it does for CUDA ones
 ``all_to_all_single`` rejects
 CUDA RNG tracker ``fork()`` even at dropout 0           :class:`CPURNGStatesTracker`, same API,
 (tensor_parallel/random.py)                             forks the CPU generator
+activation recompute saves/restores the CUDA RNG        there is no CUDA generator: get returns an
+state (tensor_parallel/random.py                        empty state, set does nothing (the CPU
+``_get/_set_cuda_rng_state``)                           state is saved by the same code already)
 ``device="cuda"`` tensor factories: token counters in   inside those modules only, ``torch``'s
 pipeline_parallel/schedules.py, loss-scale/found-inf    tensor factories map ``device="cuda"`` to
 tensors in optimizer/optimizer.py, norms in             the CPU
@@ -212,6 +215,10 @@ def setup_platform() -> bool:
     clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
     mc_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    mp_random._set_cuda_rng_state = lambda *a, **k: None
     install_cpu_rng_tracker()
     _INSTALLED = True
     log.info("zeda_megatron: CPU platform layer installed (gloo, no CUDA)")

@@ -39,14 +39,23 @@ def save_checkpoint(model, ckpt_dir: str, *, hf_dir: str | None = None, seed: in
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    info, null = model.zeda_hf_info, model.zeda_null
     mdir = os.path.join(ckpt_dir, MCORE)
     if _rank0():
         os.makedirs(mdir, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), mdir)
+    write_meta(model, ckpt_dir, hf_dir=hf_dir, seed=seed)
+
+
+def write_meta(model, ckpt_dir: str, *, hf_dir: str | None = None, seed: int | None = None) -> None:
+    """Write zeda_bridge.json (and the source's tokenizer files) into ``ckpt_dir``; all ranks call.
+    The trainer writes it into its checkpoints folder, so tools/export_hf.py reads training runs too."""
+    import torch.distributed as dist
+
+    info, null = model.zeda_hf_info, model.zeda_null
     if _rank0():
+        os.makedirs(ckpt_dir, exist_ok=True)
         meta = {
             "hf_config": info.raw,
             "num_null_experts": null.num_null_experts if null else 0,
@@ -89,9 +98,21 @@ def load_checkpoint(ckpt_dir: str, **config_overrides):
                               bool(meta["mask_null_experts"]))
     dtype = _DTYPES[meta.get("params_dtype", "float32")]
     model, info, _ = build_model(info, null, params_dtype=dtype, **config_overrides)
-    state = dist_checkpointing.load(model.sharded_state_dict(), os.path.join(ckpt_dir, MCORE))
+    mdir = os.path.join(ckpt_dir, MCORE)
+    if os.path.isdir(mdir):
+        state = dist_checkpointing.load(model.sharded_state_dict(), mdir)
+    else:  # a training run's checkpoints folder: {"model", "optimizer"} per iteration
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, _latest_iteration(ckpt_dir))["model"]
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _latest_iteration(ckpt_dir: str) -> str:
+    marker = os.path.join(ckpt_dir, "latest")
+    if not os.path.isfile(marker):
+        raise BridgeError(f"{ckpt_dir!r} has neither {MCORE}/ nor a 'latest' marker: not a checkpoint folder")
+    with open(marker) as f:
+        return os.path.join(ckpt_dir, f.read().strip())
 
 
 def assets_dir(ckpt_dir: str) -> str | None:

@@ -35,10 +35,13 @@ def save(engine, step: int, save_dir: str, extra: dict | None = None) -> str:
     """All ranks call. Returns the checkpoint directory."""
     from megatron.core import dist_checkpointing
 
+    from zeda_megatron.bridge.checkpoint import write_meta
+
     path = os.path.join(save_dir, f"iter_{step:07d}")
     if _rank0():
         os.makedirs(path, exist_ok=True)
-    _barrier()
+    # model description + tokenizer files, so tools/export_hf.py --checkpoint SAVE_DIR works
+    write_meta(engine.student, save_dir, hf_dir=(extra or {}).get("hf_dir"), seed=(extra or {}).get("seed"))
     dist_checkpointing.save(_sharded_state(engine, is_loading=False), path)
     _barrier()
     if _rank0():

@@ -176,6 +176,18 @@ def build_engine(*, hf_dir: str, null, group_loss_coeff: float, loss_spec: LossS
 
     cpu = on_cpu()
     dtype = params_dtype or (torch.float32 if cpu else torch.bfloat16)
+    # megatron-core's distributed optimizer requires CUDA tensors: "auto" turns it on off the CPU
+    dist_opt = optim.get("use_distributed_optimizer", "auto")
+    dist_opt = (not cpu) if dist_opt in ("auto", None) else bool(dist_opt)
+    if cpu and sequence_parallel:
+        raise ValueError(
+            "parallel.tp>1 training needs parallel.sequence_parallel (megatron-core's MoE layer requires it), "
+            "and megatron-core's local norm used on CPU does not support sequence parallelism: on CPU use "
+            "parallel.tp=1 (EP, PP and DP all work); TP runs with the Transformer Engine spec on GPUs"
+        )
+    if dist_opt and cpu:
+        raise ValueError("optim.use_distributed_optimizer=true needs CUDA (megatron-core checks for "
+                         "torch.cuda tensors); use auto or false on CPU")
     teacher, info, _ = build_model(hf_dir, None, params_dtype=dtype, sequence_parallel=sequence_parallel)
     load_hf_weights(teacher, hf_dir, seed=seed)
     from megatron.core.transformer.moe.router_replay import RouterReplay
@@ -195,14 +207,14 @@ def build_engine(*, hf_dir: str, null, group_loss_coeff: float, loss_spec: LossS
         load_model_only(student, init_checkpoint)
 
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=not cpu,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=dist_opt,
     )
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=student)
     opt_config = OptimizerConfig(
         optimizer="adam", lr=optim["lr"], min_lr=optim.get("min_lr", 0.0), weight_decay=optim.get("weight_decay", 0.0),
         adam_beta1=optim.get("adam_beta1", 0.9), adam_beta2=optim.get("adam_beta2", 0.999),
         clip_grad=optim.get("clip_grad", 1.0), bf16=dtype == torch.bfloat16, params_dtype=dtype,
-        use_distributed_optimizer=not cpu,
+        use_distributed_optimizer=dist_opt, adam_eps=optim.get("adam_eps", 1e-8),
     )
     optimizer = get_megatron_optimizer(opt_config, [ddp])
     warmup = int(round(optim.get("warmup_fraction", 0.0) * max_steps))

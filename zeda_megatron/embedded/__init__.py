@@ -1,0 +1,1 @@
+"""The embedded default: a tiny trained teacher from stdlib text + arithmetic, evaluation and report."""

@@ -1,0 +1,265 @@
+"""A tiny *trained* MoE teacher built on this machine: GLM-4.7-Flash-shaped or Qwen3-MoE-shaped.
+
+``build_teacher(out_dir, family="glm", preset="demo", seed=0)`` trains a byte-level BPE tokenizer
+(``tokenizers``; digits split one per token so arithmetic is learnable) and a model with transformers'
+own classes (``Glm4MoeLiteForCausalLM`` / ``Qwen3MoeForCausalLM``) on :mod:`.corpus` text with a plain
+torch loop, then ``save_pretrained`` (safetensors) + the tokenizer. Deterministic for a seed (seeded
+init, fixed thread count, seeded batch order). Cached: ``out_dir/.complete`` holds the settings hash;
+a matching marker returns at once, deleting the directory rebuilds it.
+
+GLM's ``e_score_correction_bias`` is trained the aux-loss-free way (DeepSeek-V3 / GLM: after each
+step, bias += rate * sign(mean load - expert load)), so the teacher arrives with a real expert bias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import torch
+
+from . import corpus
+
+VERSION = 1
+MARKER = ".complete"
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+PRESETS = {
+    # ~3-4 min on 2 CPU cores
+    "demo": dict(vocab_size=1024, hidden=128, layers=3, heads=4, experts=16, topk=4, moe_ffn=64, dense_ffn=256,
+                 seq_len=128, batch=16, steps=1400, lr=3e-3, warmup=60, code_chars=1_200_000,
+                 arith_lines=80_000, max_train_seconds=None),
+    # a few seconds: for tests
+    "test": dict(vocab_size=512, hidden=64, layers=2, heads=2, experts=4, topk=2, moe_ffn=32, dense_ffn=128,
+                 seq_len=64, batch=8, steps=60, lr=4e-3, warmup=10, code_chars=120_000,
+                 arith_lines=4_000, max_train_seconds=None),
+}
+
+
+# ---- tokenizer ------------------------------------------------------------------------------------
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE (``tokenizers``), digits split individually; returns a PreTrainedTokenizerFast
+    with ``<|endoftext|>`` as bos/eos and ``<|pad|>`` as pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS, PAD], min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD,
+                                   clean_up_tokenization_spaces=False)
+
+
+# ---- model configs --------------------------------------------------------------------------------
+def model_config(family: str, p: dict, tok):
+    vocab = len(tok)
+    common = dict(vocab_size=vocab, hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+                  num_attention_heads=p["heads"], intermediate_size=p["dense_ffn"],
+                  moe_intermediate_size=p["moe_ffn"], num_experts_per_tok=p["topk"], hidden_act="silu",
+                  max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  attention_bias=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id, initializer_range=0.02, use_cache=True)
+    if family == "glm":
+        from transformers import Glm4MoeLiteConfig
+
+        h = p["hidden"]
+        cfg = Glm4MoeLiteConfig(
+            **common, num_key_value_heads=p["heads"], q_lora_rank=h // 2, kv_lora_rank=h // 4,
+            qk_nope_head_dim=h // (2 * p["heads"]) * 1 or 8, qk_rope_head_dim=max(8, h // (4 * p["heads"]) * 2),
+            v_head_dim=h // p["heads"], n_routed_experts=p["experts"], n_shared_experts=1,
+            routed_scaling_factor=1.8, n_group=1, topk_group=1, norm_topk_prob=True,
+            mlp_layer_types=["dense"] + ["sparse"] * (p["layers"] - 1),
+        )
+        cfg.qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if hasattr(cfg, "num_nextn_predict_layers"):
+            cfg.num_nextn_predict_layers = 0
+        return cfg
+    if family == "qwen3":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(
+            **common, num_key_value_heads=max(1, p["heads"] // 2), head_dim=p["hidden"] // p["heads"],
+            num_experts=p["experts"], norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0],
+            router_aux_loss_coef=1e-2, output_router_logits=False, use_sliding_window=False,
+        )
+    raise ValueError(f"family={family!r}: 'glm' or 'qwen3'")
+
+
+def settings_hash(family: str, preset: str, seed: int, overrides: dict | None = None) -> str:
+    p = dict(PRESETS[preset], **(overrides or {}))
+    blob = json.dumps({"v": VERSION, "family": family, "preset": preset, "seed": seed, "p": p,
+                       "stdlib": corpus.stdlib_root()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def is_built(out_dir: str, family: str = "glm", preset: str = "demo", seed: int = 0, overrides=None) -> bool:
+    m = os.path.join(out_dir, MARKER)
+    if not os.path.isfile(m):
+        return False
+    with open(m) as f:
+        return json.load(f).get("hash") == settings_hash(family, preset, seed, overrides)
+
+
+# ---- training -------------------------------------------------------------------------------------
+def _token_stream(tok, docs: list[str]) -> torch.Tensor:
+    ids = tok(docs, add_special_tokens=False)["input_ids"]
+    flat = []
+    for x in ids:
+        flat.append(tok.eos_token_id)
+        flat.extend(x)
+    return torch.tensor(flat, dtype=torch.long)
+
+
+def _moe_gates(model):
+    from torch import nn
+
+    return [m for m in model.modules() if hasattr(m, "e_score_correction_bias") and isinstance(m, nn.Module)]
+
+
+def build_teacher(out_dir: str, family: str = "glm", preset: str = "demo", seed: int = 0,
+                  overrides: dict | None = None, threads: int | None = None, log=print) -> dict:
+    """Train (or reuse) the tiny teacher at ``out_dir``; returns the info dict stored in the marker
+    (``hash``, ``train_seconds``, ``final_loss``, ``heldout_nll``, ``random_nll``, ``unigram_nll``...)."""
+    h = settings_hash(family, preset, seed, overrides)
+    marker = os.path.join(out_dir, MARKER)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            info = json.load(f)
+        if info.get("hash") == h:
+            info["cached"] = True
+            return info
+        log(f"[teacher] {out_dir}: settings changed, rebuilding")
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    from transformers import Glm4MoeLiteForCausalLM, Qwen3MoeForCausalLM
+
+    p = dict(PRESETS[preset], **(overrides or {}))
+    t0 = time.time()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or min(2, os.cpu_count() or 1))
+    try:
+        docs = corpus.training_texts(seed, code_chars=p["code_chars"], arith_lines=p["arith_lines"])
+        tok = train_tokenizer(docs, p["vocab_size"])
+        stream = _token_stream(tok, docs)
+        cfg = model_config(family, p, tok)
+        torch.manual_seed(seed)
+        cls = Glm4MoeLiteForCausalLM if family == "glm" else Qwen3MoeForCausalLM
+        model = cls(cfg).float()
+        model.train()
+        n_params = sum(x.numel() for x in model.parameters())
+        log(f"[teacher] {family}/{preset}: {n_params/1e6:.2f}M params, {len(stream)/1e3:.0f}k train tokens, "
+            f"vocab {len(tok)}, {p['steps']} steps")
+        gates = _moe_gates(model)
+        counts = {}
+
+        def _hook(mod, inp, out):
+            counts[id(mod)] = torch.bincount(out[2].reshape(-1), minlength=mod.e_score_correction_bias.numel())
+
+        handles = [g.register_forward_hook(_hook) for g in gates]
+        opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], betas=(0.9, 0.95), weight_decay=0.01)
+        g = torch.Generator().manual_seed(seed)
+        L, B, steps = p["seq_len"], p["batch"], p["steps"]
+        losses = []
+        for step in range(steps):
+            lr = p["lr"] * min(1.0, (step + 1) / p["warmup"]) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            for grp in opt.param_groups:
+                grp["lr"] = lr
+            starts = torch.randint(0, len(stream) - L - 1, (B,), generator=g)
+            batch = torch.stack([stream[s: s + L] for s in starts.tolist()])
+            out = model(input_ids=batch, labels=batch)
+            loss = out.loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():  # aux-loss-free expert-bias balancing
+                for gt in gates:
+                    c = counts.get(id(gt))
+                    if c is not None:
+                        c = c.float()
+                        gt.e_score_correction_bias += 1e-3 * torch.sign(c.mean() - c)
+            losses.append(loss.item())
+            if step % max(1, steps // 10) == 0 or step == steps - 1:
+                log(f"[teacher] step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+            if p.get("max_train_seconds") and time.time() - t0 > p["max_train_seconds"]:
+                log(f"[teacher] time budget reached at step {step}")
+                break
+        for hd in handles:
+            hd.remove()
+        model.eval()
+        train_seconds = time.time() - t0
+        os.makedirs(out_dir, exist_ok=True)
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tok.save_pretrained(out_dir)
+        # quick quality numbers (held-out code NLL vs a random model and a unigram model)
+        from .evaluate import heldout_nll, unigram_nll
+
+        texts = corpus.heldout_code(seed, n_chunks=16 if preset == "test" else 48)
+        nll = heldout_nll(model, tok, texts, max_len=p["seq_len"] * 2)
+        torch.manual_seed(seed + 1)
+        rand = cls(cfg).float().eval()
+        rnll = heldout_nll(rand, tok, texts, max_len=p["seq_len"] * 2)
+        unll = unigram_nll(tok, docs, texts)
+        info = dict(hash=h, family=family, preset=preset, seed=seed, settings=p, n_params=n_params,
+                    train_tokens=len(stream), steps_done=len(losses), train_seconds=round(train_seconds, 1),
+                    final_loss=sum(losses[-20:]) / len(losses[-20:]), heldout_nll=nll, random_nll=rnll,
+                    unigram_nll=unll, version=VERSION)
+        with open(os.path.join(out_dir, "teacher_info.json"), "w") as f:
+            json.dump(info, f, indent=1)
+        with open(marker, "w") as f:
+            json.dump(info, f, indent=1)
+        log(f"[teacher] done in {train_seconds:.0f}s: held-out NLL {nll:.3f} (random {rnll:.3f}, unigram {unll:.3f})")
+        info["cached"] = False
+        return info
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+# ---- loading and generation -----------------------------------------------------------------------
+def load(hf_dir: str):
+    """(model in eval mode, tokenizer); remote code allowed (PlusPlus null-expert exports)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32)
+    return model.eval(), tok
+
+
+@torch.no_grad()
+def generate(model_or_dir, prompts: list[str], tok=None, max_new_tokens: int = 48, do_sample: bool = False,
+             temperature: float = 1.0, seed: int = 0, batch_size: int = 32) -> list[str]:
+    """Continuations (text only) of ``prompts``; each prompt is fed as ``bos + prompt`` (left-padded)."""
+    if isinstance(model_or_dir, str):
+        model, tok = load(model_or_dir)
+    else:
+        model = model_or_dir
+    outs = []
+    torch.manual_seed(seed)
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i: i + batch_size]
+        ids = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in chunk]
+        n = max(len(x) for x in ids)
+        inp = torch.full((len(ids), n), tok.pad_token_id, dtype=torch.long)
+        att = torch.zeros((len(ids), n), dtype=torch.long)
+        for j, x in enumerate(ids):
+            inp[j, n - len(x):] = torch.tensor(x)
+            att[j, n - len(x):] = 1
+        kw = dict(do_sample=True, temperature=temperature, top_k=0) if do_sample else dict(do_sample=False)
+        gen = model.generate(input_ids=inp, attention_mask=att, max_new_tokens=max_new_tokens,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
+        for j in range(len(ids)):
+            outs.append(tok.decode(gen[j, n:], skip_special_tokens=True))
+    return outs
