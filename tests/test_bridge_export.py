@@ -3,6 +3,7 @@ the convert/export commands and multi-rank export."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -58,10 +59,22 @@ def test_export_loads_in_transformers(family, Z, hf_dirs, ids, tmp_path):
         arch = {QWEN3: "Qwen3MoePlusPlusForCausalLM", GLM: "Glm4MoeLitePlusPlusForCausalLM"}[family]
         assert cfg["architectures"] == [arch]
         assert cfg["zce_nums"] == [Z] and cfg["zce_types"] == ["zero"] and cfg["use_zce_mask"] is False
-        assert len(py) == 2 and set(cfg["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
-        for f in py:  # the shipped code needs only torch and transformers
-            src = open(os.path.join(out, f)).read()
-            assert "megatron" not in src and "zeda_megatron" not in src
+        stem = {QWEN3: "qwen3_moe", GLM: "glm4_moe_lite"}[family]
+        # config + modeling code, the shared helpers, and zeda_megatron/routing.py as zeda_routing.py
+        assert py == sorted([f"configuration_{stem}_plus_plus.py", f"modeling_{stem}_plus_plus.py",
+                             "zce_common.py", "zeda_routing.py"])
+        assert set(cfg["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
+        for f in py:  # the shipped code imports only torch, transformers and its sibling files
+            tree = ast.parse(open(os.path.join(out, f)).read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    roots = {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    roots = {node.module.split(".")[0]}
+                else:
+                    continue
+                # huggingface_hub is a dependency of transformers itself
+                assert roots <= {"torch", "transformers", "huggingface_hub", "__future__", "math", "typing"}, (f, roots)
     # tokenizer copied through
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
     assert AutoTokenizer.from_pretrained(out)("w1 w2")["input_ids"] == [1, 2]

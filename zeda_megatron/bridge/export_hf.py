@@ -124,7 +124,7 @@ def hf_config_dict(info, num_null: int, mask_null: bool = False, dtype: torch.dt
         cfg["model_type"] = fam
         cfg["architectures"] = [STOCK_ARCH[fam]]
         return cfg
-    conf_file, model_file = FILES[fam]
+    conf_file, model_file = FILES[fam][:2]
     arch = PLUS_PLUS_ARCH[fam]
     cfg.update(
         model_type=PLUS_PLUS_MODEL_TYPE[fam],
@@ -164,7 +164,7 @@ def save_hf_pretrained(model, out_dir: str, *, assets_dir: str | None = None, in
     generation-config files are copied through."""
     import torch.distributed as dist
 
-    from zeda_megatron.bridge.remote_code import FILES
+    from zeda_megatron.bridge.remote_code import FILES, ROUTING_FILE
 
     info = info or model.zeda_hf_info
     null = null if null is not None else getattr(model, "zeda_null", None)
@@ -206,6 +206,7 @@ def save_hf_pretrained(model, out_dir: str, *, assets_dir: str | None = None, in
                 "zeda_megatron.bridge.remote_code", fromlist=["x"]).__file__))
             for fn in FILES[info.family]:
                 shutil.copy2(os.path.join(src, fn), os.path.join(out_dir, fn))
+            shutil.copy2(ROUTING_FILE[1], os.path.join(out_dir, ROUTING_FILE[0]))
         copy_assets(assets_dir, out_dir)
     if world > 1:
         dist.barrier()

@@ -89,6 +89,7 @@ class RoutingRecorder:
     def __init__(self, model):
         self.blocks = [(n, m) for n, m in model.named_modules() if hasattr(m, "route") and hasattr(m, "num_zce")]
         self.records: dict[str, list[torch.Tensor]] = {n: [] for n, _ in self.blocks}
+        self.num_real = {n: int(m.num_experts) for n, m in self.blocks}
         self._orig = []
         for name, m in self.blocks:
             orig = m.route
@@ -145,16 +146,18 @@ def _moe_sizes(cfg) -> tuple[int, int, int, int]:
 
 # ---- main entry -----------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(teacher_dir: str, student_dir: str, out_dir: str | None = None, seed: int = 0,
+def evaluate(teacher_dir, student_dir, out_dir: str | None = None, seed: int = 0,
              n_chunks: int = 48, chunk_chars: int = 600, max_len: int = 256, n_arith: int = 200,
-             threads: int | None = None, log=print) -> dict:
-    """Compare ``student_dir`` (e.g. a PlusPlus export) with ``teacher_dir``; see the module docstring."""
-    from .teacher import load
+             threads: int | None = None, log=None) -> dict:
+    """Compare ``student_dir`` (e.g. a PlusPlus export) with ``teacher_dir``; see the module docstring.
+    Either may also be a ``(model, tokenizer)`` pair instead of a directory."""
+    from .teacher import _print, load
 
+    log = log or _print
     if threads:
         torch.set_num_threads(threads)
-    teacher, tok = load(teacher_dir)
-    student, stok = load(student_dir)
+    teacher, tok = load(teacher_dir) if isinstance(teacher_dir, str) else teacher_dir
+    student, stok = load(student_dir) if isinstance(student_dir, str) else student_dir
     if len(stok) != len(tok):
         raise ValueError(f"tokenizers differ: teacher {len(tok)} tokens, student {len(stok)}")
     records = corpus.heldout_code_records(seed, n_chunks, chunk_chars)
@@ -167,6 +170,7 @@ def evaluate(teacher_dir: str, student_dir: str, out_dir: str | None = None, see
     layer_slots = Counter()
     cls_null = Counter()
     cls_slots = Counter()
+    cls_tokens = Counter()
     for (ids, offs), r in zip(enc, records):
         rec.clear()
         lt = _token_logprobs(teacher, ids)
@@ -179,11 +183,12 @@ def evaluate(teacher_dir: str, student_dir: str, out_dir: str | None = None, see
         kl_st += (ps * (ls - lt)).sum().item()
         n_tok += len(tgt)
         classes = ["whitespace"] + [_char_class(r["text"], r["prose_mask"], a, b) for a, b in offs[1:]]
+        cls_tokens.update(classes[1:])
         for name, idx_list in rec.records.items():
             if not idx_list:
                 continue
             idx = idx_list[-1]  # [T, K] for this sequence (one forward per chunk)
-            null = (idx >= E)
+            null = idx >= rec.num_real[name]
             li = _layer_index(name)
             layer_null[li] += int(null.sum())
             layer_slots[li] += null.numel()
@@ -196,14 +201,15 @@ def evaluate(teacher_dir: str, student_dir: str, out_dir: str | None = None, see
     per_layer = {str(li): layer_null[li] / layer_slots[li] for li in layers}
     share = sum(layer_null.values()) / max(sum(layer_slots.values()), 1)
     by_class = {c: (cls_null[c] / cls_slots[c] if cls_slots[c] else None) for c in TOKEN_CLASSES}
-    cls_tokens = {c: cls_slots[c] // max(K, 1) // max(len(layers), 1) for c in TOKEN_CLASSES}
+    cls_tokens = {c: cls_tokens[c] for c in TOKEN_CLASSES}
     problems = corpus.arithmetic_problems(n_arith, seed)
     log("[eval] arithmetic (greedy generation)...")
     t_acc = arith_accuracy(teacher, tok, problems)
     s_acc = arith_accuracy(student, stok, problems)
     incl_shared = share * K * Fm / (K * Fm + shared)
     summary = dict(
-        teacher_dir=os.path.abspath(teacher_dir), student_dir=os.path.abspath(student_dir),
+        teacher_dir=os.path.abspath(teacher_dir) if isinstance(teacher_dir, str) else None,
+        student_dir=os.path.abspath(student_dir) if isinstance(student_dir, str) else None,
         heldout_tokens=n_tok, heldout_chunks=len(records),
         teacher_nll=t_nll / n_tok, student_nll=s_nll / n_tok,
         nll_ratio=(s_nll / n_tok) / (t_nll / n_tok),
@@ -220,3 +226,60 @@ def evaluate(teacher_dir: str, student_dir: str, out_dir: str | None = None, see
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary
+
+
+# ---- a PlusPlus directory straight from a stock teacher (no training) ---------------------------------
+def plusplus_from_teacher(teacher_dir: str, out_dir: str, num_null: int = 4, mask_null: bool = False,
+                          null_bias: float = 0.0) -> str:
+    """Write the stock HF teacher at ``teacher_dir`` as a null-expert ("++") HF directory with ``num_null``
+    untrained null experts (router rows 0, expert bias ``null_bias`` for GLM), loadable with
+    ``trust_remote_code=True``. With ``mask_null=True`` it computes exactly what the teacher computes.
+    A baseline / test helper: no Megatron involved."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from zeda_megatron.bridge.export_hf import hf_config_dict
+    from zeda_megatron.bridge.hf_config import GLM, model_info, read_config_json
+    from zeda_megatron.bridge.remote_code import FILES, ROUTING_FILE
+
+    info = model_info(read_config_json(teacher_dir))
+    sd = {}
+    for fn in sorted(os.listdir(teacher_dir)):
+        if fn.endswith(".safetensors"):
+            sd.update(load_file(os.path.join(teacher_dir, fn)))
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("mlp.experts.gate_up_proj"):
+            pre = k[: -len("gate_up_proj")]
+            Fm = v.shape[1] // 2
+            for e in range(v.shape[0]):
+                out[f"{pre}{e}.gate_proj.weight"] = v[e, :Fm].contiguous()
+                out[f"{pre}{e}.up_proj.weight"] = v[e, Fm:].contiguous()
+        elif k.endswith("mlp.experts.down_proj"):
+            pre = k[: -len("down_proj")]
+            for e in range(v.shape[0]):
+                out[f"{pre}{e}.down_proj.weight"] = v[e].contiguous()
+        elif k.endswith("mlp.gate.weight") and v.shape[0] == info.num_experts:
+            out[k] = torch.cat([v, torch.zeros(num_null, v.shape[1], dtype=v.dtype)])
+        elif k.endswith("mlp.gate.e_score_correction_bias"):
+            out[k] = torch.cat([v.float(), torch.full((num_null,), float(null_bias))])
+        else:
+            out[k] = v
+    if info.family == GLM:  # every GLM MoE layer needs the bias buffer
+        for k in list(out):
+            if k.endswith("mlp.gate.weight") and k.replace("weight", "e_score_correction_bias") not in out:
+                out[k.replace("weight", "e_score_correction_bias")] = torch.cat(
+                    [torch.zeros(info.num_experts), torch.full((num_null,), float(null_bias))])
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config_dict(info, num_null, mask_null=mask_null), f, indent=1)
+    src = os.path.dirname(os.path.abspath(__import__("zeda_megatron.bridge.remote_code", fromlist=["x"]).__file__))
+    for fn in FILES[info.family]:
+        shutil.copy2(os.path.join(src, fn), os.path.join(out_dir, fn))
+    shutil.copy2(ROUTING_FILE[1], os.path.join(out_dir, ROUTING_FILE[0]))
+    for fn in os.listdir(teacher_dir):
+        if fn.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy2(os.path.join(teacher_dir, fn), os.path.join(out_dir, fn))
+    return out_dir

@@ -33,7 +33,7 @@ PAD = "<|pad|>"
 PRESETS = {
     # ~3-4 min on 2 CPU cores
     "demo": dict(vocab_size=1024, hidden=128, layers=3, heads=4, experts=16, topk=4, moe_ffn=64, dense_ffn=256,
-                 seq_len=128, batch=16, steps=1400, lr=3e-3, warmup=60, code_chars=1_200_000,
+                 seq_len=128, batch=16, steps=2000, lr=3e-3, warmup=60, code_chars=1_200_000,
                  arith_lines=80_000, max_train_seconds=None),
     # a few seconds: for tests
     "test": dict(vocab_size=512, hidden=64, layers=2, heads=2, experts=4, topk=2, moe_ffn=32, dense_ffn=128,
@@ -78,7 +78,7 @@ def model_config(family: str, p: dict, tok):
         h = p["hidden"]
         cfg = Glm4MoeLiteConfig(
             **common, num_key_value_heads=p["heads"], q_lora_rank=h // 2, kv_lora_rank=h // 4,
-            qk_nope_head_dim=h // (2 * p["heads"]) * 1 or 8, qk_rope_head_dim=max(8, h // (4 * p["heads"]) * 2),
+            qk_nope_head_dim=max(8, h // (2 * p["heads"])), qk_rope_head_dim=max(8, h // (2 * p["heads"])),
             v_head_dim=h // p["heads"], n_routed_experts=p["experts"], n_shared_experts=1,
             routed_scaling_factor=1.8, n_group=1, topk_group=1, norm_topk_prob=True,
             mlp_layer_types=["dense"] + ["sparse"] * (p["layers"] - 1),
@@ -113,6 +113,10 @@ def is_built(out_dir: str, family: str = "glm", preset: str = "demo", seed: int 
         return json.load(f).get("hash") == settings_hash(family, preset, seed, overrides)
 
 
+def _print(*a):
+    print(*a, flush=True)
+
+
 # ---- training -------------------------------------------------------------------------------------
 def _token_stream(tok, docs: list[str]) -> torch.Tensor:
     ids = tok(docs, add_special_tokens=False)["input_ids"]
@@ -130,9 +134,10 @@ def _moe_gates(model):
 
 
 def build_teacher(out_dir: str, family: str = "glm", preset: str = "demo", seed: int = 0,
-                  overrides: dict | None = None, threads: int | None = None, log=print) -> dict:
+                  overrides: dict | None = None, threads: int | None = None, log=None) -> dict:
     """Train (or reuse) the tiny teacher at ``out_dir``; returns the info dict stored in the marker
     (``hash``, ``train_seconds``, ``final_loss``, ``heldout_nll``, ``random_nll``, ``unigram_nll``...)."""
+    log = log or _print
     h = settings_hash(family, preset, seed, overrides)
     marker = os.path.join(out_dir, MARKER)
     if os.path.isfile(marker):

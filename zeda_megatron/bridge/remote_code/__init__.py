@@ -6,7 +6,13 @@ ZEDA release: ``zce_nums`` (Z per MoE layer, one value), ``zce_types`` (``["zero
 ``use_zce_mask`` (mask the null experts' logits: the original model's routing).
 """
 
+import os
+
+_COMMON = ("zce_common.py",)
 FILES = {
-    "qwen3_moe": ("configuration_qwen3_moe_plus_plus.py", "modeling_qwen3_moe_plus_plus.py"),
-    "glm4_moe_lite": ("configuration_glm4_moe_lite_plus_plus.py", "modeling_glm4_moe_lite_plus_plus.py"),
+    "qwen3_moe": ("configuration_qwen3_moe_plus_plus.py", "modeling_qwen3_moe_plus_plus.py") + _COMMON,
+    "glm4_moe_lite": ("configuration_glm4_moe_lite_plus_plus.py", "modeling_glm4_moe_lite_plus_plus.py") + _COMMON,
 }
+# The routing the shipped models run is zeda_megatron/routing.py itself (pure torch), as zeda_routing.py.
+ROUTING_FILE = ("zeda_routing.py", os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "routing.py"))

@@ -13,14 +13,8 @@ import torch.nn.functional as F
 from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import Glm4MoeLiteForCausalLM, Glm4MoeLiteMLP
 
 from .configuration_glm4_moe_lite_plus_plus import Glm4MoeLitePlusPlusConfig
-
-
-def _num_zce(config) -> int:
-    nums = getattr(config, "zce_nums", None) or [0]
-    types = getattr(config, "zce_types", None) or ["zero"]
-    if any(t != "zero" for t in types):
-        raise ValueError(f"zce_types={types}: only 'zero' experts are implemented here")
-    return int(nums[0])
+from .zce_common import combine_real_experts, num_zce as _num_zce
+from .zeda_routing import select_experts
 
 
 class Glm4MoeLitePlusPlusRouter(nn.Module):
@@ -53,34 +47,24 @@ class Glm4MoeLitePlusPlusMoE(nn.Module):
         )
 
     def route(self, x):
-        total = self.num_experts + self.num_zce
         logits = F.linear(x.float(), self.gate.weight.float())
-        scores = logits.sigmoid()
-        choice = scores + self.gate.e_score_correction_bias.float()
+        bias = self.gate.e_score_correction_bias.float()
         if self.use_zce_mask and self.num_zce:
-            choice[:, self.num_experts:] = float("-inf")
-        if self.n_group > 1:
-            group_scores = choice.view(-1, self.n_group, total // self.n_group).topk(2, dim=-1)[0].sum(dim=-1)
-            group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
-            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-            score_mask = group_mask.unsqueeze(-1).expand(-1, self.n_group, total // self.n_group).reshape(-1, total)
-            choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
-        index = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
-        weights = scores.gather(1, index)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return logits, (weights * self.routed_scaling_factor).to(x.dtype), index
+            bias = bias.clone()
+            bias[self.num_experts:] = float("-inf")  # never chosen: the original routing
+        groups = (self.n_group, self.topk_group) if self.n_group > 1 else (None, None)
+        weights, index = select_experts(
+            logits, topk=self.top_k, score_function="sigmoid", expert_bias=bias,
+            scaling_factor=self.routed_scaling_factor, normalize_topk=self.norm_topk_prob,
+            num_groups=groups[0], group_topk=groups[1],
+        )
+        return logits, weights.to(x.dtype), index
 
     def forward(self, hidden_states):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         _, weights, index = self.route(x)
-        out = torch.zeros_like(x)
-        for e in torch.unique(index).tolist():
-            if e >= self.num_experts:  # zero-computation expert: contributes nothing
-                continue
-            tok, slot = torch.where(index == e)
-            out.index_add_(0, tok, self.experts[e](x[tok]) * weights[tok, slot, None])
+        out = combine_real_experts(x, self.experts, weights, index, self.num_experts)
         return out.reshape(shape) + self.shared_experts(hidden_states)
 
 

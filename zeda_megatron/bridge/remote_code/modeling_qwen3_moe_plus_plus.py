@@ -13,14 +13,8 @@ import torch.nn.functional as F
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeMLP
 
 from .configuration_qwen3_moe_plus_plus import Qwen3MoePlusPlusConfig
-
-
-def _num_zce(config) -> int:
-    nums = getattr(config, "zce_nums", None) or [0]
-    types = getattr(config, "zce_types", None) or ["zero"]
-    if any(t != "zero" for t in types):
-        raise ValueError(f"zce_types={types}: only 'zero' experts are implemented here")
-    return int(nums[0])
+from .zce_common import combine_real_experts, num_zce as _num_zce
+from .zeda_routing import select_experts
 
 
 class Qwen3MoePlusPlusRouter(nn.Module):
@@ -48,23 +42,15 @@ class Qwen3MoePlusPlusSparseMoeBlock(nn.Module):
         logits = F.linear(x.float(), self.gate.weight.float())
         if self.use_zce_mask and self.num_zce:
             logits[:, self.num_experts:] = float("-inf")
-        probs = torch.softmax(logits, dim=-1)
-        weights, index = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, index = select_experts(logits, topk=self.top_k, score_function="softmax",
+                                        normalize_topk=self.norm_topk_prob)
         return logits, weights.to(x.dtype), index
 
     def forward(self, hidden_states):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         _, weights, index = self.route(x)
-        out = torch.zeros_like(x)
-        for e in torch.unique(index).tolist():
-            if e >= self.num_experts:  # zero-computation expert: contributes nothing
-                continue
-            tok, slot = torch.where(index == e)
-            out.index_add_(0, tok, self.experts[e](x[tok]) * weights[tok, slot, None])
-        return out.reshape(shape)
+        return combine_real_experts(x, self.experts, weights, index, self.num_experts).reshape(shape)
 
 
 class Qwen3MoePlusPlusForCausalLM(Qwen3MoeForCausalLM):
