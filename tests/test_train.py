@@ -124,6 +124,11 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     interrupted = summary(killed)["steps_done"]
     assert 2 <= interrupted < 40, out[-2000:]
+    # a fresh start into that folder is refused and overwrites nothing
+    res = subprocess.run(_cmd(1, killed, *args, "trainer.resume=never"), cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "trainer.resume=never" in res.stderr
+    assert len(metrics(killed)) == interrupted
     train(1, killed, *args)  # same folder: resumes from its latest checkpoint
     a, b = metrics(full), metrics(killed)
     assert [r["step"] for r in b] == list(range(1, 41))

@@ -83,6 +83,11 @@ def _resume_path(cfg, save_dir: str):
 
     mode = str(cfg.trainer.resume)
     if mode == "never":
+        if checkpoint.latest(save_dir):
+            raise FileExistsError(
+                f"trainer.resume=never but {save_dir} already holds checkpoints: use trainer.resume=auto "
+                "to continue that run, or a new hydra.run.dir / trainer.save_dir (nothing was overwritten)"
+            )
         return None
     if mode == "auto":
         return checkpoint.latest(save_dir)
@@ -115,6 +120,7 @@ def run(cfg) -> dict:
     dirs = [str(cfg.run_dir), str(cfg.trainer.save_dir)]
     dist.broadcast_object_list(dirs, src=0)  # ranks > 0 run Hydra without an output folder of their own
     run_dir, save_dir = dirs
+    resume = _resume_path(cfg, save_dir)  # before anything is written or built
     if rank0:
         os.makedirs(run_dir, exist_ok=True)
         save_resolved_config(cfg, run_dir)
@@ -135,7 +141,6 @@ def run(cfg) -> dict:
         sequence_parallel=bool(cfg.parallel.get("sequence_parallel", False)),
     )
     start = 0
-    resume = _resume_path(cfg, save_dir)
     if resume:
         start = int(checkpoint.load(engine, resume)["step"])
         if rank0:

@@ -238,7 +238,7 @@ def load(hf_dir: str):
     """(model in eval mode, tokenizer); remote code allowed (PlusPlus null-expert exports)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(hf_dir)
+    tok = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32)
     return model.eval(), tok
 
