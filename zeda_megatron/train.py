@@ -59,6 +59,12 @@ def _group_loss(num_microbatches: int) -> float:
     return (t[0] / (t[1] * num_microbatches)).item() if t[1] else 0.0
 
 
+def _recompute_mode(value) -> str | None:
+    """trainer.recompute: false/none -> None, true/full -> "full", selective -> "selective"."""
+    v = str(value).lower()
+    return {"false": None, "none": None, "true": "full", "full": "full", "selective": "selective"}[v]
+
+
 def _fingerprint(module) -> str:
     """Exact digest of a module's tensors (this rank's shard)."""
     import hashlib
@@ -113,7 +119,6 @@ def run(cfg) -> dict:
     plan = validate_config(cfg, world)  # before any process group, model or file
     tokenizer = load_tokenizer(cfg.model)
     dataset = build_dataset(cfg, tokenizer)  # data errors (file, line, key) before the model
-    par = cfg.parallel
     init_parallel(tp=plan.tp, pp=plan.pp, ep=plan.ep, etp=plan.etp, seed=int(cfg.seed))
     rank = dist.get_rank()
     rank0 = rank == 0
@@ -136,7 +141,7 @@ def run(cfg) -> dict:
     engine = build_engine(
         hf_dir=hf_dir, null=null, group_loss_coeff=float(cfg.model.group_loss_coeff), loss_spec=spec,
         optim=optim, max_steps=int(cfg.trainer.max_steps), seed=int(cfg.seed),
-        init_checkpoint=cfg.model.init_checkpoint, recompute=str(cfg.trainer.recompute) in ("True", "true", "full"),
+        init_checkpoint=cfg.model.init_checkpoint, recompute=_recompute_mode(cfg.trainer.recompute),
         router_replay=stage.name == "opd" and bool(stage.router_replay), params_dtype=dtype,
         sequence_parallel=bool(cfg.parallel.get("sequence_parallel", False)),
     )
@@ -159,7 +164,7 @@ def run(cfg) -> dict:
     n_samples = int(stage.samples_per_prompt) if stage.name == "opd" else 1
     batches = iterate_batches(dataset, mbs // n_samples, nmb, dp_rank, dp, int(cfg.seed), start_step=start,
                               max_steps=int(cfg.trainer.max_steps))
-    last, step = {}, start
+    last = {}
     save_interval = int(cfg.trainer.save_interval)
     for step, micro in enumerate(batches, start=start):
         t0 = time.time()

@@ -163,7 +163,7 @@ class Engine:
 
 def build_engine(*, hf_dir: str, null, group_loss_coeff: float, loss_spec: LossSpec, optim: dict,
                  max_steps: int, seed: int,
-                 init_checkpoint: str | None = None, recompute: bool = False, router_replay: bool = False,
+                 init_checkpoint: str | None = None, recompute: str | None = None, router_replay: bool = False,
                  params_dtype=None, sequence_parallel: bool = False) -> Engine:
     """Build teacher and student for this rank (after init_parallel), load the HF weights into both
     (null rows drawn for the student with ``seed``), wrap the student in DDP and build the optimizer."""
@@ -197,8 +197,10 @@ def build_engine(*, hf_dir: str, null, group_loss_coeff: float, loss_spec: LossS
         moe_router_load_balancing_type="grouped_aux_loss", moe_aux_loss_coeff=group_loss_coeff,
         calculate_per_token_loss=True, moe_enable_routing_replay=router_replay, sequence_parallel=sequence_parallel,
     )
-    if recompute:
+    if recompute == "full":
         student_overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":  # megatron-core's default selective set (core attention)
+        student_overrides.update(recompute_granularity="selective")
     student, _, config = build_model(hf_dir, null, params_dtype=dtype, **student_overrides)
     load_hf_weights(student, hf_dir, seed=seed)
     if init_checkpoint:
