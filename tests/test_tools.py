@@ -9,10 +9,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
-def test_demo_runs_and_writes_summary(tmp_path):
+def test_null_layer_demo_runs_and_writes_summary(tmp_path):
     out = tmp_path / "demo.json"
     res = subprocess.run(
-        [sys.executable, "-m", "zeda_megatron.demo", "--ep", "1", "--steps", "3", "--out", str(out)],
+        [sys.executable, "tools/demo_null_layer.py", "--ep", "1", "--steps", "3", "--out", str(out)],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]

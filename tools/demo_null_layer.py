@@ -1,4 +1,5 @@
-"""Demonstration of the null-expert layer (the current main job; the adaptation job replaces it).
+"""Demonstration of the null-expert layer alone (no teacher, no checkpoint): a quick look at what
+the layer does under expert parallelism.
 
 Builds a small GLM-4.7-Flash-shaped megatron-core GPT model (MLA attention, first layer dense,
 sigmoid router with expert bias and routed scaling, one shared expert) with Z = E/2 null experts
@@ -6,8 +7,8 @@ per MoE layer and the group balance loss set for a 50% null share, then trains i
 on a synthetic next-token task under expert parallelism. Each step prints the LM loss, the null-slot
 share per layer and the rows the all-to-all moved compared with a stock layer (T*K).
 
-    torchrun --nproc_per_node 2 -m zeda_megatron.demo            # EP=2 on CPU (gloo) or GPUs
-    python -m zeda_megatron.demo --ep 1                          # one process
+    torchrun --nproc_per_node 2 tools/demo_null_layer.py          # EP=2 on CPU (gloo) or GPUs
+    python tools/demo_null_layer.py --ep 1                        # one process
 """
 
 from __future__ import annotations
