@@ -161,6 +161,12 @@ def run(args) -> dict:
     # 6. evaluation and report
     rdir = os.path.join(out, "report")
     say(f"6/6 evaluation and report: {rdir}")
+    eval_key = _fingerprint([export_key, args.seed, args.eval_chunks])
+    if _done(os.path.join(rdir, "done.json"), eval_key):
+        with open(os.path.join(rdir, "summary.json")) as f:
+            summary = json.load(f)
+        say(f"    reused. Report: {os.path.join(rdir, 'report.md')}")
+        return summary
     summary = evaluate.evaluate(tdir, hf_dir, out_dir=rdir, seed=args.seed, n_chunks=args.eval_chunks)
     summary["teacher"] = {k: info.get(k) for k in ("heldout_nll", "random_nll", "unigram_nll", "train_seconds")}
     for stage, run_dir in (("sft", sft_dir), ("opd", opd_dir)):
@@ -176,6 +182,7 @@ def run(args) -> dict:
     say(f"held-out NLL: teacher {summary['teacher_nll']:.3f}, adapted {summary['student_nll']:.3f} "
         f"({summary['student_nll'] / summary['teacher_nll'] - 1:+.1%}); arithmetic exact match: teacher "
         f"{summary['teacher_arith_acc']:.1%}, adapted {summary['student_arith_acc']:.1%}")
+    _mark(os.path.join(rdir, "done.json"), eval_key)
     say(f"done in {summary['wall_seconds'] / 60:.1f} min. Report: {md} (summary.json beside it)")
     return summary
 

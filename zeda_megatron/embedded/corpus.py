@@ -159,8 +159,7 @@ def heldout_code_records(seed: int = 0, n_chunks: int = 64, chunk_chars: int = 6
         for s in starts:
             if s:  # start the middle chunk at a line start
                 s = text.find("\n", s) + 1
-            if s <= 0 or s + chunk_chars > len(text):
-                if s != 0:
+                if s <= 0 or s + chunk_chars > len(text):
                     continue
             out.append({"text": text[s: s + chunk_chars], "prose_mask": mask[s: s + chunk_chars], "file": rel})
             if len(out) >= n_chunks:

@@ -15,9 +15,7 @@ all-reduce, embedding grads across stages, the expert-bias update), the 1F1B pip
 
 from __future__ import annotations
 
-import logging
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -25,8 +23,6 @@ import torch.distributed as dist
 
 from zeda_megatron import losses
 from zeda_megatron.platform import on_cpu
-
-log = logging.getLogger(__name__)
 
 
 # ---- the co-located pair ------------------------------------------------------------------------
@@ -150,7 +146,6 @@ class Engine:
     info: object
     null: object
     loss_spec: LossSpec
-    extra: dict = field(default_factory=dict)
 
     @property
     def student(self):

@@ -102,7 +102,7 @@ def sample(engine, prompt_batches: list[list[list[int]]], *, max_new_tokens: int
                 gen_mask[i] = torch.cat([gen_mask[i], live.unsqueeze(1)], dim=1)
                 done[i] = done[i] | (nxt == eos_id)
                 seqs[i] = torch.cat([seqs[i], nxt.unsqueeze(1)], dim=1)
-            if all(d.all() for d in done):
+            if _all_ranks_done(all(d.all() for d in done)):
                 break
     finally:
         engine.wrapper.teacher_enabled = True
@@ -115,6 +115,16 @@ def sample(engine, prompt_batches: list[list[list[int]]], *, max_new_tokens: int
         batches.append({"tokens": s[:, :-1], "labels": s[:, 1:], "loss_mask": loss_mask,
                         "position_ids": pos, "attention_mask": mask})
     return batches
+
+
+def _all_ranks_done(local_done: bool) -> bool:
+    """Every rank must run the same number of sampling passes (EP all-to-alls and PP sends pair
+    up across ranks): stop only when all of them are done."""
+    if not dist.is_initialized():
+        return local_done
+    flag = torch.tensor([1 if local_done else 0], device=_comm_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _comm_device():

@@ -1,0 +1,59 @@
+"""The main job (python -m zeda_megatron.demo) end to end on the small test preset: all six steps,
+the report, reuse on re-run, and a rebuild of the (deterministic) teacher after deleting the cache."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
+
+
+def _run(out, cache):
+    t0 = time.time()
+    res = subprocess.run(
+        [sys.executable, "-m", "zeda_megatron.demo", "--preset", "test", "--sft-steps", "6", "--opd-steps", "2",
+         "--prompts", "32", "--eval-chunks", "8", "--out", str(out), "--cache", str(cache)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (res.stdout[-4000:], res.stderr[-4000:])
+    return res.stdout, time.time() - t0
+
+
+def _digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_main_job_runs_reuses_and_rebuilds(tmp_path):
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    stdout, first = _run(out, cache)
+    report = out / "report"
+    summary = json.loads((report / "summary.json").read_text())
+    for key in ("expert_flops_removed", "expert_flops_removed_incl_shared", "teacher_nll", "student_nll",
+                "teacher_arith_acc", "student_arith_acc", "null_share_per_layer", "null_share_by_token_class"):
+        assert key in summary, key
+    assert 0 < summary["expert_flops_removed"] < 1
+    assert summary["teacher_unchanged"] == {"sft": True, "opd": True}
+    md = (report / "report.md").read_text()
+    assert "expert FLOPs removed" in md.lower() or "Expert FLOPs removed" in md
+    pngs = [f for f in os.listdir(report) if f.endswith(".png")]
+    assert pngs and all(f in md for f in pngs)
+    assert f"Report: {report / 'report.md'}" in stdout
+    for stage in ("sft", "opd"):
+        assert len((out / stage / "metrics.jsonl").read_text().splitlines()) == {"sft": 6, "opd": 2}[stage]
+
+    # re-running reuses every step
+    teacher_dir = next(p for p in cache.iterdir() if p.name.startswith("teacher_"))
+    weights = _digest(teacher_dir / "model.safetensors")
+    stdout2, second = _run(out, cache)
+    assert stdout2.count("reused") >= 5, stdout2
+    assert second < first / 2, (first, second)
+
+    # deleting the cache rebuilds the teacher, bit for bit
+    shutil.rmtree(cache)
+    stdout3, _ = _run(out, cache)
+    assert "trained:" in stdout3
+    assert _digest(teacher_dir / "model.safetensors") == weights
