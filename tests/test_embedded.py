@@ -57,7 +57,7 @@ def test_prompt_files(tmp_path):
 
 def test_teacher_trained_and_loadable(teacher):
     d, info = teacher
-    assert info["build_s"] < 45
+    assert info["build_s"] < 300  # ~4 s on 2 idle cores; generous for a loaded machine
     # genuinely trained: far below a random model, below the unigram baseline
     assert info["heldout_nll"] < info["random_nll"] - 1.0
     assert info["heldout_nll"] < info["unigram_nll"]
@@ -76,7 +76,7 @@ def test_teacher_cached_and_deterministic(teacher, tmp_path):
     d, info = teacher
     t0 = time.time()
     again = build_teacher(d, family="glm", preset="test", seed=0, log=QUIET)
-    assert again["cached"] and time.time() - t0 < 2 and again["hash"] == info["hash"]
+    assert again["cached"] and time.time() - t0 < 10 and again["hash"] == info["hash"]
     assert is_built(d, "glm", "test", 0)
     # a short build twice: same weights; deleting the directory rebuilds it
     ov = {"steps": 4}

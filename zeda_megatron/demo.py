@@ -35,8 +35,8 @@ def parse(argv=None):
     p.add_argument("--family", default="glm", choices=("glm", "qwen3"))
     p.add_argument("--preset", default="demo", choices=("demo", "test"), help="teacher size")
     p.add_argument("--nproc", type=int, default=2, help="processes (expert parallel size)")
-    p.add_argument("--sft-steps", type=int, default=60)
-    p.add_argument("--opd-steps", type=int, default=20)
+    p.add_argument("--sft-steps", type=int, default=200)
+    p.add_argument("--opd-steps", type=int, default=30)
     p.add_argument("--prompts", type=int, default=512, help="distillation prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-chunks", type=int, default=48)
@@ -129,14 +129,18 @@ def run(args) -> dict:
         say("    reused")
 
     common = [f"model=embedded_{args.family}", f"model.hf_dir={tdir}", "trainer.verify_teacher=true",
-              f"seed={1234 + args.seed}"]
+              f"seed={1234 + args.seed}", "trainer.seq_length=128", "trainer.micro_batch_size=4"]
+    # Stage 1 distils with the exact full-vocabulary forward KL to the co-located teacher (no NLL on
+    # its greedy responses, which drifts the student away from the teacher's distribution).
+    sft_args = ["stage.kl_weight=1.0", "stage.nll_weight=0.0", "optim.lr=3e-4", "trainer.global_batch_size=16"]
+    opd_args = ["optim.lr=1e-4", "trainer.global_batch_size=8", "stage.max_new_tokens=32"]
     if args.nproc > 1:
         common.append(f"parallel.ep={args.nproc}")
     # 3. stage 1 and 4. stage 2
     sft_dir, opd_dir = os.path.join(out, "sft"), os.path.join(out, "opd")
     for n, (stage, run_dir, steps, extra) in enumerate((
-        ("sft", sft_dir, args.sft_steps, [f"data.path={sft}"]),
-        ("opd", opd_dir, args.opd_steps, [f"data.path={prompts}", f"model.init_checkpoint={sft_dir}/checkpoints"]),
+        ("sft", sft_dir, args.sft_steps, [f"data.path={sft}", *sft_args]),
+        ("opd", opd_dir, args.opd_steps, [f"data.path={prompts}", f"model.init_checkpoint={sft_dir}/checkpoints", *opd_args]),
     ), start=3):
         say(f"{n}/6 stage {n - 2} ({stage}), {steps} steps, {args.nproc} processes, EP={args.nproc}: {run_dir}")
         if _stage_finished(run_dir, steps):
