@@ -123,14 +123,17 @@ def load_tokenizer(model_cfg):
     if hf_dir:
         from transformers import AutoTokenizer
 
-        try:
-            tok = HFTokenizer(AutoTokenizer.from_pretrained(str(hf_dir)))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"model.hf_dir={hf_dir!r}: could not load its tokenizer ({e})") from e
         cfg_path = os.path.join(str(hf_dir), "config.json")
+        hf_cfg = {}
         if os.path.isfile(cfg_path):
             with open(cfg_path) as f:
-                vocab = json.load(f).get("vocab_size", vocab)
+                hf_cfg = json.load(f)
+            vocab = hf_cfg.get("vocab_size", vocab)
+        try:
+            # a PlusPlus export (our own modeling code, auto_map) would otherwise ask interactively
+            tok = HFTokenizer(AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code="auto_map" in hf_cfg))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"model.hf_dir={hf_dir!r}: could not load its tokenizer ({e})") from e
         if vocab is not None and tok.vocab_size > int(vocab):
             raise ValueError(
                 f"tokenizer of model.hf_dir={hf_dir!r} has {tok.vocab_size} tokens but the model's "
