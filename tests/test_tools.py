@@ -36,3 +36,26 @@ def test_bench_prints_ratio_table():
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert float(cells[5]) == round(1 - float(cells[1]), 2)
+
+
+def test_generate_responses_writes_continues_and_validates(tmp_path):
+    from zeda_megatron.bridge.testing import make_tiny_hf
+
+    teacher = make_tiny_hf("qwen3_moe", str(tmp_path / "teacher"), seed=0)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1}"}) + "\n" for i in range(3)))
+    out = tmp_path / "sft.jsonl"
+    cmd = [sys.executable, "tools/generate_responses.py", "--teacher", teacher, "--prompts", str(prompts),
+           "--out", str(out), "--max-new-tokens", "4"]
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["w0 w1", "w1 w2", "w2 w3"] and all("response" in r for r in rows)
+    before = out.read_text()
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "0 to go" in res.stdout and out.read_text() == before
+    prompts.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"question": "no prompt"}) + "\n")
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "line 2" in res.stderr and "'prompt'" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert out.read_text() == before  # nothing already written is lost

@@ -248,8 +248,9 @@ def load(hf_dir: str):
 
 @torch.no_grad()
 def generate(model_or_dir, prompts: list[str], tok=None, max_new_tokens: int = 48, do_sample: bool = False,
-             temperature: float = 1.0, seed: int = 0, batch_size: int = 32) -> list[str]:
-    """Continuations (text only) of ``prompts``; each prompt is fed as ``bos + prompt`` (left-padded)."""
+             temperature: float = 1.0, seed: int = 0, batch_size: int = 32, add_bos: bool = True) -> list[str]:
+    """Continuations (text only) of ``prompts``; each prompt is fed as ``bos + prompt`` (left-padded;
+    without bos when ``add_bos`` is False or the tokenizer has none)."""
     if isinstance(model_or_dir, str):
         model, tok = load(model_or_dir)
     else:
@@ -258,16 +259,18 @@ def generate(model_or_dir, prompts: list[str], tok=None, max_new_tokens: int = 4
     torch.manual_seed(seed)
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i: i + batch_size]
-        ids = [[tok.bos_token_id] + tok.encode(p, add_special_tokens=False) for p in chunk]
+        bos = [tok.bos_token_id] if add_bos and tok.bos_token_id is not None else []
+        ids = [bos + tok.encode(p, add_special_tokens=False) for p in chunk]
         n = max(len(x) for x in ids)
-        inp = torch.full((len(ids), n), tok.pad_token_id, dtype=torch.long)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        inp = torch.full((len(ids), n), pad, dtype=torch.long)
         att = torch.zeros((len(ids), n), dtype=torch.long)
         for j, x in enumerate(ids):
-            inp[j, n - len(x):] = torch.tensor(x)
+            inp[j, n - len(x):] = torch.tensor(x, dtype=torch.long)
             att[j, n - len(x):] = 1
         kw = dict(do_sample=True, temperature=temperature, top_k=0) if do_sample else dict(do_sample=False)
         gen = model.generate(input_ids=inp, attention_mask=att, max_new_tokens=max_new_tokens,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
+                             pad_token_id=pad, eos_token_id=tok.eos_token_id, **kw)
         for j in range(len(ids)):
             outs.append(tok.decode(gen[j, n:], skip_special_tokens=True))
     return outs
