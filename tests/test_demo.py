@@ -16,8 +16,8 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
 def _run(out, cache):
     t0 = time.time()
     res = subprocess.run(
-        [sys.executable, "-m", "zeda_megatron.demo", "--preset", "test", "--sft-steps", "6", "--opd-steps", "2",
-         "--prompts", "32", "--eval-chunks", "8", "--out", str(out), "--cache", str(cache)],
+        [sys.executable, "-m", "zeda_megatron.demo", "--preset", "test", "--sft-steps", "20", "--opd-steps", "4",
+         "--prompts", "64", "--eval-chunks", "8", "--out", str(out), "--cache", str(cache)],
         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, (res.stdout[-4000:], res.stderr[-4000:])
     return res.stdout, time.time() - t0
@@ -35,7 +35,10 @@ def test_main_job_runs_reuses_and_rebuilds(tmp_path):
     for key in ("expert_flops_removed", "expert_flops_removed_incl_shared", "teacher_nll", "student_nll",
                 "teacher_arith_acc", "student_arith_acc", "null_share_per_layer", "null_share_by_token_class"):
         assert key in summary, key
-    assert 0 < summary["expert_flops_removed"] < 1
+    # the bar, on the smaller test-preset teacher: >= 40% of routed expert work removed
+    # with held-out NLL within 10% of the teacher's (the full demo's figures are in the README)
+    assert summary["expert_flops_removed"] >= 0.40, summary["expert_flops_removed"]
+    assert summary["student_nll"] <= 1.10 * summary["teacher_nll"], (summary["student_nll"], summary["teacher_nll"])
     assert summary["teacher_unchanged"] == {"sft": True, "opd": True}
     md = (report / "report.md").read_text()
     assert "expert flops removed" in md.lower() and "null share" in md.lower()
@@ -43,7 +46,7 @@ def test_main_job_runs_reuses_and_rebuilds(tmp_path):
     assert pngs and all(f in md for f in pngs)
     assert f"Report: {report / 'report.md'}" in stdout
     for stage in ("sft", "opd"):
-        assert len((out / stage / "metrics.jsonl").read_text().splitlines()) == {"sft": 6, "opd": 2}[stage]
+        assert len((out / stage / "metrics.jsonl").read_text().splitlines()) == {"sft": 20, "opd": 4}[stage]
 
     # re-running reuses every step
     teacher_dir = next(p for p in cache.iterdir() if p.name.startswith("teacher_"))
