@@ -69,6 +69,21 @@ def init_parallel(
     torch.manual_seed(seed)
 
 
+def comm_device() -> torch.device:
+    """The device collectives run on: CUDA under NCCL, the CPU under gloo."""
+    return torch.device("cpu") if on_cpu() else torch.device("cuda", torch.cuda.current_device())
+
+
+def all_reduce_host(t: torch.Tensor, op=None, group=None) -> torch.Tensor:
+    """All-reduce a small host tensor (counters, flags) on the backend's device; returns it on the
+    host. A no-op without a process group."""
+    if not dist.is_initialized():
+        return t
+    d = t.to(comm_device())
+    dist.all_reduce(d, op=op or dist.ReduceOp.SUM, group=group)
+    return d.cpu()
+
+
 def destroy_parallel() -> None:
     from megatron.core import parallel_state
 

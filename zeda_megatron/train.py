@@ -15,6 +15,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from zeda_megatron.distributed import all_reduce_host
+
 log = logging.getLogger("zeda_megatron.train")
 
 
@@ -53,8 +55,7 @@ def _group_loss(num_microbatches: int) -> float:
         if ps.get_tensor_model_parallel_rank() == 0:
             t[0], t[1] = values.sum(), float((values != 0).sum())
         entry.values.zero_()
-    if dist.is_initialized():
-        dist.all_reduce(t)
+    t = all_reduce_host(t)
     # t[0]: sum over replicas, layers and micro-batches; t[1]: (replica, MoE layer) pairs seen
     return (t[0] / (t[1] * num_microbatches)).item() if t[1] else 0.0
 
@@ -78,10 +79,7 @@ def _fingerprint(module) -> str:
 
 
 def _all_ranks_true(flag: bool) -> bool:
-    t = torch.tensor([0 if flag else 1])
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return int(t) == 0
+    return int(all_reduce_host(torch.tensor([0 if flag else 1]))) == 0
 
 
 def _resume_path(cfg, save_dir: str):

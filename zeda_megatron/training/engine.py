@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from zeda_megatron import losses
+from zeda_megatron.distributed import all_reduce_host
 from zeda_megatron.platform import on_cpu
 
 
@@ -310,10 +311,7 @@ def _sum_over_last_stage_dp(sums: torch.Tensor) -> torch.Tensor:
     t = sums.to(torch.float64)
     if not ps.is_pipeline_last_stage(ignore_virtual=True) or ps.get_tensor_model_parallel_rank() != 0:
         t = torch.zeros_like(t)
-    dev = "cpu" if on_cpu() else torch.cuda.current_device()
-    t = t.to(dev)
-    dist.all_reduce(t)
-    return t.cpu()
+    return all_reduce_host(t)
 
 
 # ---- routing metrics over the whole model -----------------------------------------------------------
@@ -330,11 +328,7 @@ def null_metrics(engine: Engine, reset: bool = True) -> dict:
         for number, s in stats["layers"].items():
             t[number - 1, 0] += s["null_slots"]
             t[number - 1, 1] += s["null_slots"] + s["real_assignments"]
-    if dist.is_initialized():
-        dev = "cpu" if on_cpu() else torch.cuda.current_device()
-        t = t.to(dev)
-        dist.all_reduce(t)
-        t = t.cpu()
+    t = all_reduce_host(t)
     per_layer = {i + 1: (t[i, 0] / t[i, 1]).item() for i in range(n_layers) if t[i, 1] > 0}
     share = (t[:, 0].sum() / t[:, 1].sum().clamp_min(1)).item()
     cfg = engine.config

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from zeda_megatron.distributed import all_reduce_host, comm_device
 from zeda_megatron.training.engine import _run_schedule
 
 
@@ -96,7 +97,7 @@ def sample(engine, prompt_batches: list[list[list[int]]], *, max_new_tokens: int
                     nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1)
                 else:
                     nxt = torch.zeros(seqs[i].shape[0], dtype=torch.long)
-                nxt = _broadcast_from_last_stage(nxt.to(_comm_device())).cpu()
+                nxt = _broadcast_from_last_stage(nxt.to(comm_device())).cpu()
                 live = ~done[i]
                 nxt = torch.where(live, nxt, torch.full_like(nxt, pad_id))
                 gen_mask[i] = torch.cat([gen_mask[i], live.unsqueeze(1)], dim=1)
@@ -120,17 +121,7 @@ def sample(engine, prompt_batches: list[list[list[int]]], *, max_new_tokens: int
 def _all_ranks_done(local_done: bool) -> bool:
     """Every rank must run the same number of sampling passes (EP all-to-alls and PP sends pair
     up across ranks): stop only when all of them are done."""
-    if not dist.is_initialized():
-        return local_done
-    flag = torch.tensor([1 if local_done else 0], device=_comm_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def _comm_device():
-    from zeda_megatron.platform import on_cpu
-
-    return "cpu" if on_cpu() else torch.cuda.current_device()
+    return bool(all_reduce_host(torch.tensor([1 if local_done else 0]), op=dist.ReduceOp.MIN).item())
 
 
 @torch.no_grad()

@@ -73,12 +73,10 @@ def stop_requested_all(group=None) -> bool:
     import torch
     import torch.distributed as dist
 
+    from zeda_megatron.distributed import all_reduce_host
+
     local = stop_requested()
     if not dist.is_available() or not dist.is_initialized():
         return local
-    device = "cpu"
-    if dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return bool(flag.item())
+    flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+    return bool(all_reduce_host(flag, op=dist.ReduceOp.MAX, group=group).item())
