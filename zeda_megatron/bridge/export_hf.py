@@ -112,14 +112,29 @@ def export_hf_state(model, info=None, dtype: torch.dtype | None = None) -> dict[
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def hf_config_dict(info, num_null: int, mask_null: bool = False, dtype: torch.dtype = torch.float32) -> dict:
-    """config.json for the export: stock architecture when Z = 0, the "++" one otherwise."""
+# Keys serving stacks and transformers versions read for the number of routed (real) experts:
+# transformers 5 writes Qwen3-MoE's as num_local_experts, transformers 4.x / vLLM / SGLang read
+# num_experts; GLM-4.7-Flash's is n_routed_experts (transformers 5 maps num_local_experts to it).
+EXPERT_COUNT_KEYS = {"qwen3_moe": ("num_experts", "num_local_experts"),
+                     "glm4_moe_lite": ("n_routed_experts", "num_local_experts")}
+
+
+def hf_config_dict(info, num_null: int, mask_null: bool = False, dtype: torch.dtype = torch.float32,
+                   null_logit_bias: float = 0.0) -> dict:
+    """config.json for the export: stock architecture when Z = 0, the "++" one otherwise.
+
+    Every key of :data:`EXPERT_COUNT_KEYS` carries the real expert count E (null experts have no
+    weights; ``zce_nums`` adds them to the router only); ``torch_dtype`` is written beside ``dtype``
+    for transformers 4.x. ``null_logit_bias``: the compute dial (``zce_logit_bias``) as exported."""
     from zeda_megatron.bridge.remote_code import FILES
 
-    cfg = {k: v for k, v in info.raw.items() if k not in ("auto_map", "zce_nums", "zce_types", "use_zce_mask")}
+    cfg = {k: v for k, v in info.raw.items()
+           if k not in ("auto_map", "zce_nums", "zce_types", "use_zce_mask", "zce_logit_bias")}
     fam = info.family
     cfg["dtype"] = str(dtype).replace("torch.", "")
-    cfg.pop("torch_dtype", None)
+    cfg["torch_dtype"] = cfg["dtype"]
+    for key in EXPERT_COUNT_KEYS.get(fam, ()):
+        cfg[key] = int(info.num_experts)
     if num_null == 0:
         cfg["model_type"] = fam
         cfg["architectures"] = [STOCK_ARCH[fam]]
@@ -132,6 +147,7 @@ def hf_config_dict(info, num_null: int, mask_null: bool = False, dtype: torch.dt
         zce_nums=[int(num_null)],
         zce_types=["zero"],
         use_zce_mask=bool(mask_null),
+        zce_logit_bias=float(null_logit_bias),
         auto_map={
             "AutoConfig": f"{conf_file[:-3]}.{arch.replace('ForCausalLM', 'Config')}",
             "AutoModelForCausalLM": f"{model_file[:-3]}.{arch}",

@@ -4,7 +4,8 @@ Sigmoid router over E real + Z null experts: selection by sigmoid(logit) + e_sco
 ([E+Z]), group-limited when n_group > 1 (groups over all E+Z), the selected sigmoid scores
 renormalised (null slots included) and scaled by routed_scaling_factor. A null expert's output is
 exactly zero and its weight is dropped; the shared expert is always added. ``use_zce_mask=True``
-excludes the null experts: the original GLM routing. Per-expert weight layout.
+excludes the null experts: the original GLM routing. ``zce_logit_bias`` (the compute dial) is added
+to the null experts' logits. Per-expert weight layout.
 """
 
 import torch
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from transformers.models.glm4_moe_lite.modeling_glm4_moe_lite import Glm4MoeLiteForCausalLM, Glm4MoeLiteMLP
 
 from .configuration_glm4_moe_lite_plus_plus import Glm4MoeLitePlusPlusConfig
-from .zce_common import combine_real_experts, num_zce as _num_zce
+from .zce_common import add_null_logit_bias, combine_real_experts, count_slots, register_stats_file
+from .zce_common import num_zce as _num_zce
 from .zeda_routing import select_experts
 
 
@@ -38,6 +40,7 @@ class Glm4MoeLitePlusPlusMoE(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
         self.use_zce_mask = bool(getattr(config, "use_zce_mask", False))
+        self.zce_logit_bias = float(getattr(config, "zce_logit_bias", 0.0) or 0.0)
         self.gate = Glm4MoeLitePlusPlusRouter(config)
         self.experts = nn.ModuleList(
             [Glm4MoeLiteMLP(config, intermediate_size=config.moe_intermediate_size) for _ in range(self.num_experts)]
@@ -49,6 +52,8 @@ class Glm4MoeLitePlusPlusMoE(nn.Module):
     def route(self, x):
         logits = F.linear(x.float(), self.gate.weight.float())
         bias = self.gate.e_score_correction_bias.float()
+        if not self.use_zce_mask:
+            logits = add_null_logit_bias(logits, self.num_experts, self.zce_logit_bias)
         if self.use_zce_mask and self.num_zce:
             bias = bias.clone()
             bias[self.num_experts:] = float("-inf")  # never chosen: the original routing
@@ -64,6 +69,7 @@ class Glm4MoeLitePlusPlusMoE(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         _, weights, index = self.route(x)
+        count_slots(self, index)
         out = combine_real_experts(x, self.experts, weights, index, self.num_experts)
         return out.reshape(shape) + self.shared_experts(hidden_states)
 
@@ -78,6 +84,7 @@ class Glm4MoeLitePlusPlusForCausalLM(Glm4MoeLiteForCausalLM):
             if config.mlp_layer_types[i] == "sparse":
                 layer.mlp = Glm4MoeLitePlusPlusMoE(config)
         self.post_init()
+        register_stats_file(self)
 
 
 __all__ = ["Glm4MoeLitePlusPlusForCausalLM"]

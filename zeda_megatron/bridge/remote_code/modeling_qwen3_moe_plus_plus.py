@@ -3,7 +3,8 @@
 The router scores E real + Z null experts; top-k runs over all E+Z; a null expert's output is
 exactly zero, and its routing weight is dropped (not given back to the real experts). With
 ``norm_topk_prob`` the K selected weights are renormalised among themselves, null slots included.
-``use_zce_mask=True`` sets the null logits to -inf: the original Qwen3-MoE routing.
+``use_zce_mask=True`` sets the null logits to -inf: the original Qwen3-MoE routing; otherwise
+``zce_logit_bias`` (the compute dial) is added to them.
 Weights use the per-expert layout (``mlp.experts.{e}.gate_proj.weight``) of released checkpoints.
 """
 
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM, Qwen3MoeMLP
 
 from .configuration_qwen3_moe_plus_plus import Qwen3MoePlusPlusConfig
-from .zce_common import combine_real_experts, num_zce as _num_zce
+from .zce_common import add_null_logit_bias, combine_real_experts, count_slots, register_stats_file
+from .zce_common import num_zce as _num_zce
 from .zeda_routing import select_experts
 
 
@@ -33,6 +35,7 @@ class Qwen3MoePlusPlusSparseMoeBlock(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         self.use_zce_mask = bool(getattr(config, "use_zce_mask", False))
+        self.zce_logit_bias = float(getattr(config, "zce_logit_bias", 0.0) or 0.0)
         self.gate = Qwen3MoePlusPlusRouter(config)
         self.experts = nn.ModuleList(
             [Qwen3MoeMLP(config, intermediate_size=config.moe_intermediate_size) for _ in range(self.num_experts)]
@@ -42,6 +45,8 @@ class Qwen3MoePlusPlusSparseMoeBlock(nn.Module):
         logits = F.linear(x.float(), self.gate.weight.float())
         if self.use_zce_mask and self.num_zce:
             logits[:, self.num_experts:] = float("-inf")
+        else:
+            logits = add_null_logit_bias(logits, self.num_experts, self.zce_logit_bias)
         weights, index = select_experts(logits, topk=self.top_k, score_function="softmax",
                                         normalize_topk=self.norm_topk_prob)
         return logits, weights.to(x.dtype), index
@@ -50,6 +55,7 @@ class Qwen3MoePlusPlusSparseMoeBlock(nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         _, weights, index = self.route(x)
+        count_slots(self, index)
         return combine_real_experts(x, self.experts, weights, index, self.num_experts).reshape(shape)
 
 
@@ -62,6 +68,7 @@ class Qwen3MoePlusPlusForCausalLM(Qwen3MoeForCausalLM):
             if not isinstance(layer.mlp, Qwen3MoeMLP):  # a sparse layer
                 layer.mlp = Qwen3MoePlusPlusSparseMoeBlock(config)
         self.post_init()
+        register_stats_file(self)
 
 
 __all__ = ["Qwen3MoePlusPlusForCausalLM"]
