@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zeda_megatron.bridge.hf_config import GLM, QWEN3, BridgeError
-from zeda_megatron.bridge.testing import hf_logits, make_tiny_hf, mcore_logits
+from bridge_fixtures import hf_logits, make_tiny_hf, mcore_logits
 
 TOL = 1e-4
 FAMILIES = [QWEN3, GLM]
@@ -190,7 +190,7 @@ def test_error_ep_not_dividing_experts(hf_dirs):
 def test_import_ep_pp_logits(family, ep, pp, hf_dirs, ids, tmp_path):
     from dist_helpers import run_distributed
 
-    from zeda_megatron.bridge.testing import dist_import_logits
+    from bridge_fixtures import dist_import_logits
 
     ref = hf_logits(hf_dirs[family], ids)
     # GLM under EP=2 also carries masked null experts (null rows live on every rank, experts split)
@@ -269,7 +269,7 @@ def test_fused_expert_layout(hf_dirs, tmp_path, ids):
 def test_import_tp2_logits(hf_dirs, ids):
     from dist_helpers import run_distributed
 
-    from zeda_megatron.bridge.testing import dist_import_logits
+    from bridge_fixtures import dist_import_logits
 
     ref = hf_logits(hf_dirs[QWEN3], ids)
     res = run_distributed(dist_import_logits, 2, hf_dirs[QWEN3], 1, 1, ids, {}, 2)

@@ -39,7 +39,7 @@ def test_bench_prints_ratio_table():
 
 
 def test_generate_responses_writes_continues_and_validates(tmp_path):
-    from zeda_megatron.bridge.testing import make_tiny_hf
+    from bridge_fixtures import make_tiny_hf
 
     teacher = make_tiny_hf("qwen3_moe", str(tmp_path / "teacher"), seed=0)
     prompts = tmp_path / "prompts.jsonl"

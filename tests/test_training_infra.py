@@ -133,7 +133,7 @@ def test_byte_tokenizer_and_hf_tokenizer(tmp_path):
     assert max(tok.pad_id, tok.bos_id, tok.eos_id) < 260
     with pytest.raises(ValueError, match="vocab_size >= 260"):
         D.load_tokenizer({"hf_dir": None, "hf_config": {"vocab_size": 128}})
-    from zeda_megatron.bridge.testing import VOCAB, write_tokenizer
+    from bridge_fixtures import VOCAB, write_tokenizer
 
     write_tokenizer(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": VOCAB}))

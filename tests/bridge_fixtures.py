@@ -1,7 +1,9 @@
-"""Tiny HF checkpoints for the bridge tests, built with transformers' own classes (no downloads).
+"""Test helpers: tiny HF checkpoints built with transformers' own classes (no downloads), logits of
+HF and megatron models, distributed import/export workers.
 
-Weights are re-drawn at a scale where routing, norms and biases all matter (the default HF init
-makes logits nearly flat, which would hide mapping mistakes).
+Weights are re-drawn (zeda_megatron.training.random_init.randomize_) at a scale where routing, norms
+and biases all matter (the default HF init makes logits nearly flat, which would hide mapping
+mistakes).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import torch
 
 from zeda_megatron.bridge.hf_config import GLM, QWEN3
+from zeda_megatron.training.random_init import randomize_  # noqa: F401 (re-exported for tests)
 
 VOCAB = 128
 
@@ -37,22 +40,6 @@ def tiny_config(family: str, **overrides):
         kw.update(overrides)
         return Glm4MoeLiteConfig(**kw)
     raise ValueError(family)
-
-
-def randomize_(model, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif p.dim() >= 2:
-                fan_in = p.shape[-1]
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.05 * torch.randn(b.shape, generator=gen))
 
 
 def write_tokenizer(out_dir: str) -> None:
