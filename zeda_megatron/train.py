@@ -27,37 +27,12 @@ def _teacher_source(cfg, plan, run_dir: str, rank0: bool) -> str:
         return str(cfg.model.hf_dir)
     path = os.path.join(run_dir, "teacher_hf")
     if rank0 and not os.path.isfile(os.path.join(path, "config.json")):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from zeda_megatron.training.random_init import write_random_hf
 
-        from zeda_megatron.bridge.testing import randomize_
-
-        hf = dict(plan.hf_config)
-        model_type = hf.pop("model_type")
-        torch.manual_seed(int(cfg.seed))
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf))
-        randomize_(model, seed=int(cfg.seed))
-        model.save_pretrained(path + ".tmp")
-        os.replace(path + ".tmp", path)
+        write_random_hf(plan.hf_config, path, seed=int(cfg.seed))
     if dist.is_initialized():
         dist.barrier()
     return path
-
-
-def _group_loss(num_microbatches: int) -> float:
-    """Mean group balance loss (per MoE layer and micro-batch) from megatron-core's metrics tracker."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
-
-    entry = get_moe_metrics_tracker().metrics.get("grouped_load_balancing_loss")
-    t = torch.zeros(2, dtype=torch.float64)
-    if entry is not None:
-        values = entry.values.detach().double().cpu()
-        if ps.get_tensor_model_parallel_rank() == 0:
-            t[0], t[1] = values.sum(), float((values != 0).sum())
-        entry.values.zero_()
-    t = all_reduce_host(t)
-    # t[0]: sum over replicas, layers and micro-batches; t[1]: (replica, MoE layer) pairs seen
-    return (t[0] / (t[1] * num_microbatches)).item() if t[1] else 0.0
 
 
 def _recompute_mode(value) -> str | None:
@@ -109,7 +84,10 @@ def run(cfg) -> dict:
     from zeda_megatron.platform import on_cpu
     from zeda_megatron.training import checkpoint, signals
     from zeda_megatron.training.data import build_dataset, iterate_batches, load_tokenizer, prompts_of
-    from zeda_megatron.training.engine import LossSpec, build_engine, null_metrics, train_step
+    from zeda_megatron.training.build import build_engine
+    from zeda_megatron.training.distill import LossSpec
+    from zeda_megatron.training.moe_metrics import group_loss, null_metrics
+    from zeda_megatron.training.step import model_device, train_step
     from zeda_megatron.training.metrics import MetricsWriter, ProgressPrinter, WandbLogger, save_resolved_config
     from zeda_megatron.training.validate import validate_config
 
@@ -171,17 +149,17 @@ def run(cfg) -> dict:
             from zeda_megatron.training.opd import record_routing, sample
 
             prompts = [prompts_of(mb, repeat=n_samples) for mb in micro]
-            gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + step * 1009 + dp_rank)
+            gen = torch.Generator(device=model_device()).manual_seed(int(cfg.seed) * 1_000_003 + step * 1009 + dp_rank)
             micro = sample(engine, prompts, max_new_tokens=int(stage.max_new_tokens), temperature=float(stage.temperature),
                            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=gen)
             if stage.router_replay:
-                replay = record_routing(engine, micro)
-        out = train_step(engine, micro, replay=replay)
+                replay = record_routing(engine, micro, pad_id=tokenizer.pad_id)
+        out = train_step(engine, micro, replay=replay, pad_id=tokenizer.pad_id)
         routing = null_metrics(engine)
         elapsed = time.time() - t0
         last = {
             "step": step + 1, "loss": out["loss"], "nll": out["nll"], "kl": out["kl"],
-            "group_loss": _group_loss(nmb), "null_share": routing["null_share"],
+            "group_loss": group_loss(engine, nmb), "null_share": routing["null_share"],
             "null_target": plan.null_target_share,
             "expert_flops_removed": routing["expert_flops_removed"],
             "expert_flops_removed_incl_shared": routing["expert_flops_removed_incl_shared"],

@@ -225,7 +225,7 @@ def write_stage1_data(path: str, teacher_dir: str | None = None, n: int = 256, s
     elif mode == "generate":
         if teacher_dir is None:
             raise ValueError("write_stage1_data(mode='generate') needs teacher_dir")
-        from .teacher import generate
+        from .hf_model import generate
 
         prompts = distill_prompts(n, seed)
         outs = generate(teacher_dir, prompts, max_new_tokens=max_new_tokens, do_sample=do_sample,

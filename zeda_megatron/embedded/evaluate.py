@@ -75,7 +75,7 @@ def unigram_nll(tok, train_texts: list[str], texts: list[str]) -> float:
 
 # ---- arithmetic -----------------------------------------------------------------------------------
 def arith_accuracy(model, tok, problems: list[dict], batch_size: int = 50) -> float:
-    from .teacher import generate
+    from .hf_model import generate
 
     outs = generate(model, [p["prompt"] for p in problems], tok=tok, max_new_tokens=6, batch_size=batch_size)
     ok = sum(o.split("\n")[0].strip() == p["answer"] for o, p in zip(outs, problems))
@@ -151,9 +151,9 @@ def evaluate(teacher_dir, student_dir, out_dir: str | None = None, seed: int = 0
              threads: int | None = None, log=None) -> dict:
     """Compare ``student_dir`` (e.g. a PlusPlus export) with ``teacher_dir``; see the module docstring.
     Either may also be a ``(model, tokenizer)`` pair instead of a directory."""
-    from .teacher import _print, load
+    from .hf_model import load, log_print
 
-    log = log or _print
+    log = log or log_print
     if threads:
         torch.set_num_threads(threads)
     teacher, tok = load(teacher_dir) if isinstance(teacher_dir, str) else teacher_dir
