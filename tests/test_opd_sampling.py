@@ -1,5 +1,6 @@
 """On-policy sampling under expert parallelism: a rank whose responses all end early keeps stepping
-with the others (the all-to-alls pair up), and its finished rows are padded and masked."""
+with the others (the all-to-alls pair up), and its rows end at their EOS (right padding: nothing
+after it is trained or routed)."""
 
 import torch
 
@@ -9,7 +10,8 @@ from dist_helpers import run_distributed
 def _worker(rank, world, hf_dir):
     from zeda_megatron.distributed import init_parallel
     from zeda_megatron.mcore.config import NullExpertSettings
-    from zeda_megatron.training.engine import LossSpec, build_engine
+    from zeda_megatron.training.build import build_engine
+    from zeda_megatron.training.distill import LossSpec
     from zeda_megatron.training.opd import sample
 
     init_parallel(ep=2)
@@ -19,20 +21,25 @@ def _worker(rank, world, hf_dir):
     prompts = [[[5 + rank, 9, 11 + rank]]]  # one prompt per rank, different on each
     greedy = dict(max_new_tokens=6, temperature=1e-6, pad_id=0)
     probe = sample(engine, prompts, eos_id=-1, generator=torch.Generator().manual_seed(0), **greedy)
-    first = int(probe[0]["labels"][0, -6])  # this rank's first (greedy) sampled token
+    first = int(probe[0]["labels"][0, 2])  # this rank's first (greedy) sampled token
     # rank 0 stops at its first token; rank 1 never emits EOS: both must still return
     eos = first if rank == 0 else -1
     out = sample(engine, prompts, eos_id=eos, generator=torch.Generator().manual_seed(0), **greedy)
-    return {"tokens": out[0]["tokens"], "labels": out[0]["labels"], "mask": out[0]["loss_mask"], "first": first}
+    return {k: out[0][k] for k in ("tokens", "labels", "loss_mask", "padding_mask")} | {
+        "first": first, "probe_labels": probe[0]["labels"]}
 
 
 def test_sampling_stops_together_and_masks_finished_rows(tmp_path):
-    from zeda_megatron.bridge.testing import make_tiny_hf
+    from bridge_fixtures import make_tiny_hf
 
     hf = make_tiny_hf("qwen3_moe", str(tmp_path / "hf"), seed=0)
     r0, r1 = run_distributed(_worker, 2, hf)
-    assert r0["labels"].shape == r1["labels"].shape  # same number of sampling passes
-    # rank 0: the EOS is trained on (mask 1), everything after it is pad and masked out
-    assert r0["mask"][0, -6] == 1 and r0["labels"][0, -6] == r0["first"]
-    assert (r0["mask"][0, -5:] == 0).all() and (r0["labels"][0, -5:] == 0).all()
-    assert (r1["mask"][0, -6:] == 1).all()
+    # rank 1 ran all 6 passes: prompt (3) + 6 sampled tokens -> 8 inputs, loss on the 6 sampled ones
+    assert r1["labels"].shape == (1, 8)
+    assert r1["loss_mask"][0].tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert not r1["padding_mask"].any()
+    assert torch.equal(r1["labels"], r1["probe_labels"])  # greedy: the same tokens again
+    # rank 0 stopped at its EOS (trained on, mask 1); it kept stepping with rank 1 but grew no further
+    assert r0["labels"].shape == (1, 3)
+    assert r0["labels"][0, 2] == r0["first"] and r0["loss_mask"][0].tolist() == [0, 0, 1]
+    assert not r0["padding_mask"].any()
