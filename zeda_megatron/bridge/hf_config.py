@@ -143,15 +143,19 @@ def model_info(cfg: dict) -> HFModelInfo:
     )
 
 
-def transformer_config(info: HFModelInfo, *, params_dtype=torch.float32, **overrides):
+def transformer_config(info: HFModelInfo, *, params_dtype=torch.float32, mcore=None, **overrides):
     """Build the megatron-core TransformerConfig (MLATransformerConfig for GLM) for ``info``.
 
-    ``overrides`` are passed to the config last (parallel sizes, load-balancing settings, ...).
+    ``mcore``: the user's ``model.mcore`` settings (any TransformerConfig field the bridge and the
+    trainer do not set themselves), checked by :func:`check_mcore_settings`; on CPU the CUDA-only
+    kernels among them are forced off. ``overrides`` are passed to the config last (parallel sizes,
+    load-balancing settings, ...: the trainer's own settings).
     """
     from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
     from zeda_megatron.platform import cpu_config_overrides
 
+    user = check_mcore_settings(mcore, family=info.family)
     cfg = info.raw
     common = dict(
         num_layers=info.num_layers,
@@ -175,7 +179,7 @@ def transformer_config(info: HFModelInfo, *, params_dtype=torch.float32, **overr
         moe_layer_freq=list(info.moe_layers),
         moe_token_dispatcher_type="alltoall",
         moe_router_dtype="fp32",
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=False,  # model.mcore.moe_grouped_gemm (on in the GPU presets)
     )
     if info.family == QWEN3:
         common.update(
@@ -238,9 +242,147 @@ def transformer_config(info: HFModelInfo, *, params_dtype=torch.float32, **overr
             moe_aux_loss_coeff=1e-3,
         )
         cls = MLATransformerConfig
-    common.update(cpu_config_overrides())
+    common.update(user)
+    forced = cpu_config_overrides()
+    dropped = sorted(k for k, v in user.items() if k in forced and v != forced[k])
+    if dropped:
+        log.warning(
+            "model.mcore: %s need CUDA / Transformer Engine: forced off on the CPU platform",
+            ", ".join(f"{k}={user[k]!r}" for k in dropped),
+        )
+    common.update(forced)
     common.update(overrides)
     return cls(**common)
+
+
+# ---- model.mcore: TransformerConfig fields from the run config ------------------------------------
+# Fields the bridge derives from the HF config: they define the checkpoint's architecture.
+ARCHITECTURE_FIELDS = frozenset({
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "normalization", "layernorm_epsilon", "gated_linear_unit", "activation_func", "add_bias_linear",
+    "add_qkv_bias", "qk_layernorm", "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
+    "moe_layer_freq", "moe_router_score_function", "moe_router_pre_softmax", "moe_router_enable_expert_bias",
+    "moe_router_bias_update_rate", "moe_router_topk_scaling_factor", "moe_router_num_groups",
+    "moe_router_group_topk", "moe_shared_expert_intermediate_size", "q_lora_rank", "kv_lora_rank",
+    "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "rotary_base", "rotary_scaling_factor",
+    "mscale", "mscale_all_dim", "multi_latent_attention", "vocab_size", "position_embedding_type",
+    "rotary_percent", "original_max_position_embeddings", "beta_fast", "beta_slow",
+})
+# Fields the trainer sets from another config key (the key to use instead).
+MANAGED_FIELDS = {
+    "tensor_model_parallel_size": "parallel.tp",
+    "pipeline_model_parallel_size": "parallel.pp",
+    "expert_model_parallel_size": "parallel.ep",
+    "expert_tensor_parallel_size": "parallel.etp",
+    "sequence_parallel": "parallel.sequence_parallel",
+    "params_dtype": "trainer.precision",
+    "pipeline_dtype": "trainer.precision",
+    "bf16": "trainer.precision",
+    "fp16": "trainer.precision",
+    "recompute_granularity": "trainer.recompute",
+    "recompute_method": "trainer.recompute",
+    "recompute_num_layers": "trainer.recompute",
+    "moe_aux_loss_coeff": "model.group_loss_coeff",
+    "moe_router_load_balancing_type": "model.group_loss_coeff (the group balance loss of the null experts)",
+    "calculate_per_token_loss": "nothing (the trainer's losses are per token)",
+    "moe_enable_routing_replay": "stage.router_replay",
+    "use_cpu_initialization": "nothing (set by the platform)",
+}
+
+
+def _off(v) -> bool:
+    return v is None or v is False or v == 0 or (isinstance(v, str) and v.lower() in ("none", "", "false"))
+
+
+# Settings the null-expert layer does not support: key -> (is the value refused?, why).
+UNSUPPORTED_WITH_NULL_EXPERTS = {
+    **{k: (lambda v: not _off(v), "FP8/FP4 training is not supported with null experts (untested with "
+           "null-thinned, unpadded per-expert token counts); train in bf16 (trainer.precision=bf16)")
+       for k in ("fp8", "fp8_recipe", "fp8_param", "fp4", "fp4_recipe", "fp4_param", "fp8_dot_product_attention",
+                 "fp8_multi_head_attention", "moe_router_padding_for_fp8", "moe_router_padding_for_quantization")},
+    **{k: (lambda v: not _off(v), "CUDA graphs need static shapes, and null experts make the rows each "
+           "expert receives change every step")
+       for k in ("enable_cuda_graph", "external_cuda_graph", "moe_pad_experts_for_cuda_graph_inference")},
+    "cuda_graph_impl": (lambda v: not _off(v) and v != "none", "CUDA graphs need static shapes, and null "
+                        "experts make the rows each expert receives change every step"),
+    "moe_expert_capacity_factor": (lambda v: v is not None, "expert capacity / token dropping assumes K real "
+                                   "slots per token; the null-expert layer is dropless"),
+    "moe_pad_expert_input_to_capacity": (lambda v: bool(v), "expert capacity / token dropping assumes K real "
+                                         "slots per token; the null-expert layer is dropless"),
+    "moe_token_dropping": (lambda v: bool(v), "token dropping is not supported with null experts"),
+    "moe_expert_rank_capacity_factor": (lambda v: v is not None, "expert capacity is not supported with null experts"),
+    "moe_token_dispatcher_type": (lambda v: v not in ("alltoall", "allgather"),
+                                  "only the alltoall and allgather dispatchers move null-thinned tokens "
+                                  "(the flex/DeepEP/HybridEP dispatchers are not supported)"),
+    "moe_enable_deepep": (lambda v: bool(v), "the DeepEP dispatcher is not supported with null experts"),
+    "moe_flex_dispatcher_backend": (lambda v: not _off(v) and v != "deepep",
+                                    "the flex dispatcher is not supported with null experts"),
+    "overlap_moe_expert_parallel_comm": (lambda v: bool(v), "EP communication overlap needs megatron's "
+                                         "combined 1F1B schedule, which the co-located teacher does not run"),
+    "moe_router_force_load_balancing": (lambda v: bool(v), "forced (random) routing would ignore the null experts"),
+    "moe_paged_stash": (lambda v: bool(v), "paged stash is not supported with null experts"),
+    "mtp_num_layers": (lambda v: not _off(v), "multi-token prediction layers are not built or imported by "
+                       "the bridge (GLM-4.7-Flash's MTP layer is dropped)"),
+    "moe_latent_size": (lambda v: v is not None, "latent MoE changes the architecture; not supported"),
+}
+
+
+class MCoreSettingError(BridgeError):
+    """A model.mcore key that is unknown, managed elsewhere or unsupported with null experts."""
+
+
+def transformer_config_fields(family: str | None = None) -> set[str]:
+    from dataclasses import fields
+
+    from megatron.core.transformer import MLATransformerConfig, TransformerConfig
+
+    cls = MLATransformerConfig if family in (None, GLM) else TransformerConfig
+    return {f.name for f in fields(cls) if f.init}
+
+
+def check_mcore_settings(mcore, family: str | None = None) -> dict:
+    """Check ``model.mcore`` (a mapping of TransformerConfig field -> value) and return it as a plain
+    dict. Raises :class:`MCoreSettingError` naming the key for an unknown field, a field set from the
+    HF config or by the trainer, or a setting the null-expert layer does not support. Cheap: reads the
+    dataclass fields only, builds nothing."""
+    if mcore is None:
+        return {}
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(mcore):
+            mcore = OmegaConf.to_container(mcore, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if not isinstance(mcore, dict):
+        raise MCoreSettingError(f"model.mcore must be a mapping of TransformerConfig fields, got {mcore!r}")
+    known = transformer_config_fields(family)
+    unknown = sorted(k for k in mcore if k not in known)
+    if unknown:
+        import difflib
+
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, sorted(known), n=1)
+            hints.append(f"model.mcore.{k}" + (f" (did you mean {close[0]}?)" if close else ""))
+        what = "MLATransformerConfig" if family == GLM else "TransformerConfig"
+        raise MCoreSettingError(
+            f"unknown megatron-core setting {', '.join(hints)}: not a field of {what} (megatron-core "
+            "0.19.2); model.mcore passes TransformerConfig fields through"
+        )
+    for k, v in mcore.items():
+        if k in ARCHITECTURE_FIELDS:
+            raise MCoreSettingError(
+                f"model.mcore.{k} is set from the model's HF config (model.hf_config / hf_dir config.json): "
+                "it defines the checkpoint's architecture; remove it from model.mcore"
+            )
+        if k in MANAGED_FIELDS:
+            raise MCoreSettingError(f"model.mcore.{k} is set by the trainer: use {MANAGED_FIELDS[k]} instead")
+        if k in UNSUPPORTED_WITH_NULL_EXPERTS:
+            refused, why = UNSUPPORTED_WITH_NULL_EXPERTS[k]
+            if refused(v):
+                raise MCoreSettingError(f"model.mcore.{k}={v!r} is not supported with null experts: {why}")
+    return dict(mcore)
 
 
 # HF q_a_layernorm / kv_a_layernorm are built with their class default eps (1e-6), not rms_norm_eps.

@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from zeda_megatron.layout import LayoutError, check_layout
+from zeda_megatron.layout import num_experts_of as num_experts_of
 from zeda_megatron.routing import num_null_from_ratio, target_null_share
 
 log = logging.getLogger(__name__)
@@ -109,13 +111,6 @@ def _to_dict(x) -> dict:
     except ImportError:  # pragma: no cover
         pass
     return dict(x)
-
-
-def num_experts_of(hf: Mapping) -> int | None:
-    for key in ("num_experts", "n_routed_experts", "num_local_experts"):
-        if hf.get(key) is not None:
-            return int(hf[key])
-    return None
 
 
 def _model_hf_config(cfg) -> tuple[dict, str]:
@@ -231,7 +226,6 @@ def validate_config(cfg, world_size: int, check_data: bool = True) -> RunPlan:
             f"model.hf_config.vocab_size={hf['vocab_size']} is too small for the built-in byte tokenizer "
             "(needs >= 260); raise it or set model.hf_dir"
         )
-    n_layers = int(hf["num_hidden_layers"])
     if seq > int(hf.get("max_position_embeddings", seq)):
         raise ConfigError(
             f"trainer.seq_length={seq} exceeds model.hf_config.max_position_embeddings={hf['max_position_embeddings']}"
@@ -284,36 +278,11 @@ def validate_config(cfg, world_size: int, check_data: bool = True) -> RunPlan:
     etp = _get(cfg, "parallel.etp")
     etp = tp if etp is None else _int(cfg, "parallel.etp", minimum=1)
     sp = bool(_get(cfg, "parallel.sequence_parallel", False))
-    if world_size % (tp * pp):
-        raise ConfigError(
-            f"parallel.tp*parallel.pp = {tp}*{pp} = {tp * pp} does not divide the world size {world_size}; "
-            "change tp/pp or the number of processes"
-        )
+    try:  # the layout's rules live in one place (zeda_megatron.layout)
+        check_layout(tp=tp, pp=pp, ep=ep, etp=etp, sequence_parallel=sp, world_size=world_size, hf_config=hf)
+    except LayoutError as e:
+        raise ConfigError(str(e)) from e
     dp = world_size // (tp * pp)
-    if n_exp % ep:
-        raise ConfigError(
-            f"parallel.ep={ep} does not divide the number of experts E={n_exp} (model.hf_config "
-            "num_experts/n_routed_experts); choose an ep that divides it"
-        )
-    if world_size % (etp * ep * pp):
-        raise ConfigError(
-            f"parallel.ep={ep} does not fit the world: etp*ep*pp = {etp}*{ep}*{pp} must divide the world size "
-            f"{world_size} (with etp=tp: ep must divide world/(tp*pp) = {dp}); change ep or the process count"
-        )
-    if n_layers % pp:
-        raise ConfigError(
-            f"parallel.pp={pp} does not divide model.hf_config.num_hidden_layers={n_layers}; choose pp dividing it"
-        )
-    for key in ("num_attention_heads", "num_key_value_heads", "vocab_size"):
-        if key in hf and int(hf[key]) % tp:
-            raise ConfigError(f"parallel.tp={tp} does not divide model.hf_config.{key}={hf[key]}")
-    if tp > 1 and not sp:
-        raise ConfigError(
-            f"parallel.tp={tp} with an MoE model needs parallel.sequence_parallel=true (megatron-core refuses "
-            "MoE + TP training without it)"
-        )
-    if sp and seq % tp:
-        raise ConfigError(f"trainer.seq_length={seq} must be divisible by parallel.tp={tp} with sequence_parallel")
     if gbs % (mbs * dp):
         raise ConfigError(
             f"trainer.global_batch_size={gbs} is not divisible by micro_batch_size*dp = {mbs}*{dp} = {mbs * dp}; "
@@ -339,6 +308,9 @@ def validate_config(cfg, world_size: int, check_data: bool = True) -> RunPlan:
     if wf >= 1:
         raise ConfigError(f"optim.warmup_fraction={wf} must be < 1 (a fraction of trainer.max_steps)")
 
+    from zeda_megatron.plan import check_config as check_mcore_and_memory  # model.mcore + the memory plan
+    check_mcore_and_memory(cfg, world_size, error=ConfigError)
+
     # ---- data ----------------------------------------------------------------------------------------
     fmt = _choice(cfg, "data.format", DATA_FORMATS)
     path = _get(cfg, "data.path")
@@ -351,14 +323,14 @@ def validate_config(cfg, world_size: int, check_data: bool = True) -> RunPlan:
             )
         notes.append("data.path is null: training on the built-in synthetic corpus")
     else:
-        if not os.path.isfile(str(path)):
-            raise ConfigError(f"data.path={path!r} does not exist")
+        if not _data_exists(path):
+            raise ConfigError(f"data.path={path!r} does not exist (a JSONL file or a prepared prefix)")
         if check_data:
             _check_file("data.path", str(path), fmt, stage)
     eval_path = _get(cfg, "data.eval_path")
     if eval_path is not None:
-        if not os.path.isfile(str(eval_path)):
-            raise ConfigError(f"data.eval_path={eval_path!r} does not exist")
+        if not _data_exists(eval_path):
+            raise ConfigError(f"data.eval_path={eval_path!r} does not exist (a JSONL file or a prepared prefix)")
         if check_data:
             _check_file("data.eval_path", str(eval_path), fmt, stage)
 
@@ -368,6 +340,12 @@ def validate_config(cfg, world_size: int, check_data: bool = True) -> RunPlan:
         world_size=world_size, tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, num_microbatches=nmb, hf_config=hf,
         num_experts=n_exp, num_null_experts=z, null_target_share=share, teacher_source=source, notes=notes,
     )
+
+
+def _data_exists(path) -> bool:
+    from zeda_megatron.training.data import data_source_exists
+
+    return data_source_exists(path)
 
 
 def _check_file(key: str, path: str, fmt: str, stage: str) -> None:
