@@ -34,6 +34,21 @@ l2 norm fallback), DDP buffer warm-up in
 distributed/param_and_grad_buffer.py
 ``clip_grad_by_total_norm_fp32`` asserts grads are      the same scaling without the type assert
 ``torch.cuda.FloatTensor`` (optimizer/clip_grads.py)    (optimizer/optimizer.py's reference)
+``WrappedTorchNorm`` asserts ``not sequence_parallel``   built with SP off, its weights marked
+(transformer/torch_norm.py; the local spec's norms)     ``sequence_parallel = True`` (as TE's norms
+                                                        are) so ``finalize_model_grads`` sums their
+                                                        grads over TP (each rank saw s/TP tokens)
+uneven ``all_gather`` of a tensor list in               pad each split to the largest, one
+``_gather_along_first_dim(output_split_sizes=...)``     ``all_gather_into_tensor``, trim: gloo's
+(tensor_parallel/mappings.py), used by the AlltoAll     list all_gather needs equal sizes (uneven
+dispatcher over expert-TP and by the backward of its    reduce_scatter and all_to_all_single work)
+reduce-scatter
+MLA accepts a duplicated (TP-replicated) ``Linear``     :class:`DuplicatedLinear` is supplied as
+for ``linear_q/kv_down_proj`` only when Transformer      ``multi_latent_attention.Linear``; the local
+Engine imports (transformer/multi_latent_attention.py   spec uses it for the q/kv down projections
+``Linear = None`` otherwise)                            at TP > 1 (ColumnParallelLinear + gather
+                                                        there never sums the rope-key gradient over
+                                                        TP: silently wrong grads)
 =====================================================  ==========================================
 
 Settings that must stay off on CPU (validated by :func:`check_cpu_config`): fused kernels
@@ -45,6 +60,7 @@ use CUDA side streams.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import types
@@ -161,6 +177,117 @@ def install_cpu_rng_tracker() -> None:
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+def _install_sequence_parallel_torch_norm() -> None:
+    """WrappedTorchNorm under sequence parallelism: build it with SP off, then mark its parameters
+    ``sequence_parallel = True`` so finalize_model_grads sums their gradients over TP (each TP rank
+    normalised only its s/TP tokens), exactly what Transformer Engine's norms declare."""
+    from megatron.core.transformer import torch_norm
+
+    cls = torch_norm.WrappedTorchNorm
+    orig = cls.__new__
+    if getattr(orig, "_zeda_bridge", False):
+        return
+
+    def __new__(cls_, config, hidden_size, eps=1e-5, **kwargs):
+        if not config.sequence_parallel:
+            return orig(cls_, config, hidden_size, eps, **kwargs)
+        local = copy.copy(config)  # shallow: no __post_init__ re-validation
+        local.sequence_parallel = False
+        norm = orig(cls_, local, hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    __new__._zeda_bridge = True
+    cls.__new__ = staticmethod(__new__)
+
+
+def _install_uneven_first_dim_gather() -> None:
+    """Gloo's list all_gather needs equal tensor sizes; megatron-core gathers uneven per-rank row
+    counts (``output_split_sizes``) over expert-TP in the AlltoAll dispatcher. Pad each rank's rows
+    to the largest count, gather with ``all_gather_into_tensor``, drop the padding."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    orig = mappings._gather_along_first_dim
+    if getattr(orig, "_zeda_bridge", False):
+        return
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group is None or group.size() == 1:
+            return orig(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        rank = dist.get_rank(group)
+        if input_.shape[0] != sizes[rank]:
+            raise RuntimeError(
+                f"uneven gather: rank {rank} holds {input_.shape[0]} rows, split sizes say {sizes[rank]}"
+            )
+        width = max(sizes)
+        rest = tuple(input_.shape[1:])
+        padded = input_.new_zeros((width, *rest))
+        padded[: sizes[rank]] = input_
+        out = input_.new_empty((width * len(sizes), *rest))
+        dist.all_gather_into_tensor(out, padded, group=group)
+        return torch.cat([out[i * width: i * width + n] for i, n in enumerate(sizes)], dim=0)
+
+    _gather_along_first_dim._zeda_bridge = True
+    mappings._gather_along_first_dim = _gather_along_first_dim
+
+
+_DUPLICATED_LINEAR = None
+
+
+def _duplicated_linear_class():
+    """megatron-core's local ``Linear`` (post_training/modelopt/layers.py) in TE's
+    ``parallel_mode='duplicated'``: every TP rank holds the whole weight; under sequence parallelism
+    each rank's gradient covers its s/TP tokens and finalize_model_grads sums them over TP."""
+    global _DUPLICATED_LINEAR
+    if _DUPLICATED_LINEAR is not None:
+        return _DUPLICATED_LINEAR
+    from megatron.core import parallel_state as ps
+    from megatron.core.post_training.modelopt.layers import Linear
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    class DuplicatedLinear(Linear):
+        def __init__(self, input_size, output_size, *, config, init_method, bias=True, gather_output=False,
+                     parallel_mode=None, tp_group=None, **kwargs):
+            super().__init__(input_size, output_size, config=config, init_method=init_method, bias=bias,
+                             parallel_mode="duplicated", tp_group=None, **kwargs)
+            if config.perform_initialization:  # as Router: same seed on every TP rank, same weight
+                with torch.no_grad():
+                    init_method(self.weight)
+                    if self.bias is not None:
+                        self.bias.zero_()
+            # Same state-dict keys as ColumnParallelLinear (an empty _extra_state).
+            self._register_load_state_dict_pre_hook(
+                lambda state_dict, prefix, *args, **kw: state_dict.setdefault(f"{prefix}_extra_state")
+            )
+
+        def set_extra_state(self, state):
+            """Extra state is ignored."""
+
+        def get_extra_state(self):
+            return None
+
+        def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+            """Replicated over TP (one main replica per TP group) and DP."""
+            dp = (metadata or {}).get("dp_cp_group") or ps.get_data_parallel_group(with_context_parallel=True)
+            return make_sharded_tensors_for_checkpoint(
+                self.state_dict(prefix="", keep_vars=True), prefix, {}, sharded_offsets,
+                tp_group=ps.get_tensor_model_parallel_group(), dp_cp_group=dp,
+            )
+
+    _DUPLICATED_LINEAR = DuplicatedLinear
+    return DuplicatedLinear
+
+
+def _install_mla_duplicated_linear() -> None:
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if mla.Linear is None:
+        mla.Linear = _duplicated_linear_class()
+
+
 def setup_platform() -> bool:
     """Install the CPU bridges if CUDA is absent. Returns True when running on the CPU platform."""
     global _INSTALLED
@@ -220,6 +347,9 @@ def setup_platform() -> bool:
     mp_random._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
     mp_random._set_cuda_rng_state = lambda *a, **k: None
     install_cpu_rng_tracker()
+    _install_sequence_parallel_torch_norm()
+    _install_uneven_first_dim_gather()
+    _install_mla_duplicated_linear()
     _INSTALLED = True
     log.info("zeda_megatron: CPU platform layer installed (gloo, no CUDA)")
     return True

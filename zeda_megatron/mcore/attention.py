@@ -45,7 +45,9 @@ class SDPACoreAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):
         if packed_seq_params is not None:
-            raise ValueError("packed sequences need the Transformer Engine attention (GPU spec)")
+            if packed_seq_params.qkv_format != "thd":
+                raise ValueError(f"packed sequences in format {packed_seq_params.qkv_format!r}: only thd is supported")
+            return self._forward_thd(query, key, value, packed_seq_params)
         mask_type = attn_mask_type or self.attn_mask_type
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         if k.shape[1] != q.shape[1]:  # GQA: repeat kv groups to the query heads
@@ -60,3 +62,19 @@ class SDPACoreAttention(MegatronModule):
         )
         sq, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def _forward_thd(self, query, key, value, params):
+        """Packed documents (thd: q [t, np, hk], k/v [t, ng, h]): causal attention inside each
+        ``cu_seqlens`` segment only, one SDPA call per segment -> [t, np * hv]."""
+        cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        q, k, v = (t.permute(1, 0, 2) for t in (query, key, value))  # [heads, t, d]
+        if k.shape[0] != q.shape[0]:
+            rep = q.shape[0] // k.shape[0]
+            k, v = k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)
+        bounds = cu.tolist()
+        p = self.dropout_p if self.training else 0.0
+        outs = [F.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], dropout_p=p, is_causal=True,
+                                               scale=self.softmax_scale)
+                for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        out = torch.cat(outs, dim=1)  # [np, t, hv]
+        return out.permute(1, 0, 2).reshape(query.shape[0], -1)

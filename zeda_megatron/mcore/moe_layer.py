@@ -49,11 +49,40 @@ class NullExpertMoELayer(MoELayer):
         if self.use_shared_expert and self.shared_expert_overlap:
             self.token_dispatcher.set_shared_experts(self.shared_experts)
 
+    def forward(self, hidden_states, intermediate_tensors=None, padding_mask=None):
+        """MoELayer.forward; ``padding_mask`` [b, s] is True at pads (megatron-core's convention).
+
+        Under sequence parallelism GPTModel scatters the mask over TP on the first pipeline stage
+        only; a later stage may get the whole [b, s] mask for its [s/TP, b, h] hidden states, so it
+        is cut to this TP rank's slice here."""
+        if padding_mask is not None:
+            padding_mask = self._local_padding_mask(padding_mask, hidden_states.shape[0])
+        if isinstance(self.token_dispatcher, NullAwareAlltoAllDispatcher):
+            # pads are never dispatched, so rows may be fewer than T*K even without null experts
+            self.token_dispatcher.dynamic_rows = self.null.num_null_experts > 0 or padding_mask is not None
+        return super().forward(hidden_states, intermediate_tensors, padding_mask=padding_mask)
+
+    def _local_padding_mask(self, padding_mask, seq_local: int):
+        if padding_mask.shape[1] == seq_local:
+            return padding_mask
+        tp = self.attn_tp_group
+        if self.config.sequence_parallel and padding_mask.shape[1] == seq_local * tp.size():
+            rank = tp.rank()
+            return padding_mask[:, rank * seq_local: (rank + 1) * seq_local]
+        raise ValueError(
+            f"padding_mask has {padding_mask.shape[1]} positions per sequence but the MoE layer's input "
+            f"has {seq_local} (sequence_parallel={self.config.sequence_parallel}, TP={tp.size()})"
+        )
+
     def reset_routing_stats(self) -> None:
         self.router.reset_routing_stats()
         self.token_dispatcher.reset_routing_stats()
 
     def routing_stats(self) -> dict:
         """Counters since the last reset: tokens, null_slots, real_assignments, null_share,
-        rows_sent (rows this rank fed into the dispatch collective)."""
+        rows_sent (rows this rank fed into the dispatch collective).
+
+        Per-rank, not reduced: the non-pad tokens THIS rank routed (under sequence parallelism its
+        s/TP slice). Summed over all ranks (TP x CP x EP x DP) they count each token once; with
+        TP > 1 and sequence parallelism off, TP ranks > 0 report zeros."""
         return {**self.router.routing_stats(), "rows_sent": int(self.token_dispatcher.stat_rows_sent)}

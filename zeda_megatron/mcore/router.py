@@ -32,12 +32,25 @@ class NullExpertRouter(TopKRouter):
     themselves only; the null experts' bias lives in ``null_expert_bias`` [Z] and is never updated
     by it (the group balance loss sets the null share instead).
 
+    Padding (``padding_mask`` True at pads, as megatron-core's MoE layer passes it): pad tokens are
+    not dispatched at all (their routing row is cleared: no expert FLOPs, no all-to-all rows, their
+    routed output is zero), and never reach the counters, the group loss or the expert-bias counts.
+
     Counters (no host sync; read with :meth:`routing_stats`): routed tokens, null slots, real
-    assignments, accumulated over forwards until :meth:`reset_routing_stats`.
+    assignments, accumulated over forwards until :meth:`reset_routing_stats`. They count the
+    non-pad tokens this rank routes, so that summing them over ALL ranks (TP x CP x EP x DP; each
+    layer lives on one PP stage) counts every token exactly once: under sequence parallelism each
+    TP rank routes its own s/TP slice; with TP > 1 and sequence parallelism off (e.g. generation,
+    where every TP rank routes the same tokens) only TP rank 0 counts.
+
+    Group loss under TP x CP: each rank's loss is its additive share (its tokens' scores, with
+    expert counts and the token total reduced over TP x CP), so the logged per-rank values sum over
+    TP x CP to the layer's loss and their gradients sum (finalize_model_grads) to its gradient.
     """
 
     def __init__(self, config, pg_collection=None, is_mtp_layer=False, *, null: NullExpertSettings):
         self.null = null
+        self._model_config = config  # the model's config (sequence_parallel may be toggled on it)
         self.num_real = config.num_moe_experts
         self.num_null = null.num_null_experts
         router_config = copy.copy(config)  # shallow copy: no __post_init__ re-validation
@@ -120,9 +133,15 @@ class NullExpertRouter(TopKRouter):
             zero_weight=self.null.null_weight, coeff=coeff,
             tokens_per_expert=tokens_per_expert, num_tokens=total_tokens,
         )
+        # calculate_per_token_loss scales the loss by valid_token_count * |TP x CP|. megatron-core
+        # passes this rank's own valid tokens, which differ between TP ranks when pads are
+        # unevenly spread (right padding puts them in the last sequence shards): the same loss
+        # share then gets a different weight per rank. The group's mean count weighs every share
+        # alike, so the gradient equals TP = 1's whatever the layout.
+        del local_tokens
         return self.attach_and_log_load_balancing_loss(
             probs, coeff, loss, "grouped_load_balancing_loss", self.tp_cp_group,
-            valid_token_count=local_tokens,
+            valid_token_count=total_tokens / self.tp_cp_group.size(),
         )
 
     def routing(self, logits, padding_mask=None):
@@ -131,13 +150,23 @@ class NullExpertRouter(TopKRouter):
         flat_mask = padding_mask.reshape(-1) if padding_mask is not None else None
         probs = self._apply_group_loss(probs, logits.view(-1, self.num_real + self.num_null), flat_mask)
         probs, routing_map, null_slots = drop_null_columns(probs, routing_map, self.num_real)
-        with torch.no_grad():
-            valid = None if flat_mask is None else ~flat_mask
-            self.stat_tokens += routing_map.shape[0] if valid is None else valid.sum()
-            self.stat_null_slots += null_slots.sum() if valid is None else null_slots[valid].sum()
-            real = routing_map if valid is None else routing_map & valid.unsqueeze(-1)
-            self.stat_real_assignments += real.sum()
+        if flat_mask is not None:  # pads are not dispatched: no expert work, zero routed output
+            valid = ~flat_mask.unsqueeze(-1)
+            routing_map = routing_map & valid
+            probs = probs * valid
+            null_slots = null_slots * valid.squeeze(-1)
+        if self._counts_tokens():
+            with torch.no_grad():
+                self.stat_tokens += routing_map.shape[0] if flat_mask is None else (~flat_mask).sum()
+                self.stat_null_slots += null_slots.sum()
+                self.stat_real_assignments += routing_map.sum()
         return probs, routing_map
+
+    def _counts_tokens(self) -> bool:
+        """False on TP ranks > 0 when every TP rank routes the same tokens (TP > 1 without
+        sequence parallelism), so that counters summed over TP count each token once."""
+        tp = self.tp_group
+        return self._model_config.sequence_parallel or tp is None or tp.size() == 1 or tp.rank() == 0
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def _maintain_float32_expert_bias(self):

@@ -90,7 +90,39 @@ def gpt_block_spec(config, null: NullExpertSettings | None = None, *, use_te: bo
         config, use_transformer_engine=use_te, normalization=config.normalization,
         vp_stage=vp_stage, pp_rank=pp_rank,
     )
+    if not use_te and config.multi_latent_attention and config.tensor_model_parallel_size > 1:
+        spec = _duplicated_mla_down_projections(spec)
     return with_null_experts(spec, null or NullExpertSettings(), core_attention=None if use_te else SDPACoreAttention)
+
+
+def _duplicated_mla_down_projections(spec: TransformerBlockSubmodules) -> TransformerBlockSubmodules:
+    """The local MLA spec builds linear_q_down_proj / linear_kv_down_proj as ColumnParallelLinear and
+    all-gathers their output; that gather's backward only splits, so the rope-key gradient each TP
+    rank holds in part is never summed over TP (gradients silently wrong at TP > 1). Use a
+    TP-replicated ("duplicated") Linear for both, as the Transformer Engine spec does (TELinear,
+    parallel_mode='duplicated'); under sequence parallelism MLA then gathers the rope key over the
+    sequence, whose backward reduce-scatter sums it."""
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if mla.Linear is None:
+        raise ValueError(
+            "multi-latent attention at tensor_model_parallel_size > 1 on the local (non-Transformer-"
+            "Engine) spec needs megatron-core's duplicated Linear, which it enables only with "
+            "Transformer Engine installed; use the TE spec on GPU (zeda_megatron.platform supplies it on CPU)"
+        )
+    layers = []
+    for layer in spec.layer_specs:
+        attn = layer.submodules.self_attention
+        if isinstance(attn, ModuleSpec) and hasattr(attn.submodules, "linear_kv_down_proj"):
+            layer, subs = copy.copy(layer), copy.copy(layer.submodules)
+            attn = copy.copy(attn)
+            attn.submodules = dataclasses.replace(
+                attn.submodules, linear_q_down_proj=mla.Linear, linear_kv_down_proj=mla.Linear
+            )
+            subs.self_attention = attn
+            layer.submodules = subs
+        layers.append(layer)
+    return dataclasses.replace(spec, layer_specs=layers)
 
 
 def moe_layers(model):
