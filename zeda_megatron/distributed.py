@@ -42,21 +42,9 @@ def init_parallel(
         # os.environ (child processes it launches must not inherit a port that is taken).
         init = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{free_port()}"
         dist.init_process_group("gloo" if cpu else "nccl", init_method=init, rank=rank, world_size=world)
-    world = dist.get_world_size()
-    for name, size in (("tensor parallel (tp)", tp), ("pipeline parallel (pp)", pp), ("expert parallel (ep)", ep)):
-        if size < 1:
-            raise ValueError(f"{name} size must be >= 1, got {size}")
-    if world % (tp * pp):
-        raise ValueError(
-            f"world size {world} is not divisible by tp*pp = {tp}*{pp}; choose tp/pp whose product "
-            "divides the number of processes"
-        )
-    expert_dp = world // (pp * (etp or tp))
-    if expert_dp % ep:
-        raise ValueError(
-            f"expert parallel size ep={ep} must divide world/(pp*etp) = {expert_dp}; "
-            "change ep or the number of processes"
-        )
+    from zeda_megatron.layout import check_layout
+
+    check_layout(tp=tp, pp=pp, ep=ep, etp=etp, world_size=dist.get_world_size(), training=False)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

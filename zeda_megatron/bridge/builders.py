@@ -49,20 +49,15 @@ def _block_spec(config, null, vp_stage=None):
 
 
 def check_layout(info: HFModelInfo, *, tp: int, ep: int, pp: int, null=None) -> None:
-    """Errors naming the setting for layouts this checkpoint cannot be split into."""
-    cfg = info.raw
-    if info.num_experts % ep:
-        raise BridgeError(
-            f"expert_model_parallel_size={ep} does not divide the number of experts "
-            f"(num_experts/n_routed_experts={info.num_experts}); choose an EP size that divides it"
-        )
-    if info.num_layers % pp:
-        raise BridgeError(
-            f"pipeline_model_parallel_size={pp} does not divide num_hidden_layers={info.num_layers}"
-        )
-    for name in ("num_attention_heads", "num_key_value_heads", "vocab_size"):
-        if name in cfg and int(cfg[name]) % tp:
-            raise BridgeError(f"tensor_model_parallel_size={tp} does not divide {name}={cfg[name]}")
+    """Errors naming the setting for layouts this checkpoint cannot be split into (the rules:
+    :func:`zeda_megatron.layout.check_layout`)."""
+    from zeda_megatron.layout import LayoutError
+    from zeda_megatron.layout import check_layout as _check
+
+    try:
+        _check(tp=tp, ep=ep, pp=pp, hf_config=info.raw, training=False)
+    except LayoutError as e:
+        raise BridgeError(str(e)) from e
 
 
 def build_model(
