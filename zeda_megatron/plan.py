@@ -30,8 +30,9 @@ What each part counts, per GPU (the worst pipeline stage), in megatron-core 0.19
   (``trainer.recompute=full``) keeps only each layer's input plus one layer's working set. Routed rows
   assume every top-k slot is real (no null share; EP load imbalance is not modelled: the reserve covers
   some of it). The teacher's forward adds one layer's working set (no grad).
-* **rollout KV cache** (stage 2): the student's K/V for the sequences decoded together
-  (``stage.rollout_batch_size`` if set, else global_batch/DP) at ``trainer.seq_length`` tokens, split over
+* **rollout KV cache** (stage 2): the student's K/V (megatron-core's StaticInferenceContext, as
+  zeda_megatron.training.rollout decodes: one micro-batch per decode batch) for
+  ``trainer.micro_batch_size`` sequences of ``trainer.seq_length`` tokens, split over
   TP by heads: GLM MLA is cached as full K and V (20 x (256 + 256) x 2 B = 20 KB/token/layer before TP),
   Qwen3 GQA as 4 KV heads x 128 x 2 x 2 B. It is freed before the training step: the peak is the larger
   of the rollout and the training phase.
@@ -277,7 +278,6 @@ def settings_of(cfg, world: int | None = None, gpu_gb=None, *, on_gpu: bool | No
     dist_opt = on_gpu if d in ("auto", None) else bool(d)
     mbs, gbs = int(_get(cfg, "trainer.micro_batch_size", 1)), int(_get(cfg, "trainer.global_batch_size", 1))
     stage = str(_get(cfg, "stage.name", "sft"))
-    rb = _get(cfg, "stage.rollout_batch_size")
     return Settings(
         world=world, tp=tp, pp=pp, ep=ep, etp=etp, sp=sp, dp=dp, edp=edp, stage=stage,
         seq=int(_get(cfg, "trainer.seq_length", 1)), mbs=mbs, gbs=gbs, num_microbatches=max(1, gbs // max(1, mbs * dp)),
@@ -285,7 +285,7 @@ def settings_of(cfg, world: int | None = None, gpu_gb=None, *, on_gpu: bool | No
         grad_fp32=bool(_get(cfg, "optim.grad_reduce_in_fp32", True)),
         offload=bool(_get(cfg, "optim.optimizer_cpu_offload", False)),
         offload_fraction=float(_get(cfg, "optim.optimizer_offload_fraction", 1.0)),
-        rollout_batch=int(rb) if rb else max(1, gbs // dp), gpu_bytes=gpu_memory_bytes(cfg, gpu_gb), z=z,
+        rollout_batch=mbs, gpu_bytes=gpu_memory_bytes(cfg, gpu_gb), z=z,
         on_gpu=on_gpu,
     )
 
@@ -430,7 +430,8 @@ _FIX_STEPS = (
     ("optim.optimizer_cpu_offload=true optim.optimizer_offload_fraction=1.0",
      {"optim.optimizer_cpu_offload": True, "optim.optimizer_offload_fraction": 1.0},
      lambda st: st.on_gpu and (not st.offload or st.offload_fraction < 1.0)),
-    ("optim.grad_reduce_in_fp32=false", {"optim.grad_reduce_in_fp32": False}, lambda st: st.grad_fp32),
+    ("optim.grad_reduce_in_fp32=false", {"optim.grad_reduce_in_fp32": False},
+     lambda st: st.grad_fp32 and st.param_bytes == 2),
 )
 
 
@@ -458,10 +459,12 @@ def suggest_fixes(cfg, st: Settings, plan: dict, world, gpu_gb, on_gpu) -> list[
             return applied
     more = []
     if st.stage == "opd" and plan["per_gpu_bytes"]["rollout_kv_cache"] > plan["per_gpu_bytes"]["activations"]:
-        more.append("a smaller stage.rollout_batch_size (sequences decoded together)")
-    more += [f"trainer.seq_length below {st.seq} or trainer.micro_batch_size below {st.mbs}" if st.mbs > 1 else
-             f"trainer.seq_length below {st.seq}",
-             "more GPUs (a larger parallel.ep / parallel.tp / parallel.pp, e.g. parallel=reference_8gpu)"]
+        more.append("a smaller trainer.micro_batch_size (sequences decoded together) or stage.max_new_tokens")
+    parts = plan["per_gpu_bytes"]
+    if parts["activations"] + parts["loss_logits"] > 0.1 * plan["gpu_bytes"]:
+        more.append(f"trainer.seq_length below {st.seq} or trainer.micro_batch_size below {st.mbs}" if st.mbs > 1
+                    else f"trainer.seq_length below {st.seq}")
+    more.append("more GPUs (a larger parallel.ep / parallel.tp / parallel.pp, e.g. parallel=reference_8gpu)")
     return applied + ["and still: " + "; ".join(more)]
 
 

@@ -1,0 +1,221 @@
+"""Memory plan (python -m zeda_megatron.plan): parameter counts against transformers, the plan's bytes
+against what the trainer allocates, the reference presets fit 80 GB, a layout that does not fit is
+refused before any weight is read."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zeda_megatron import plan as P
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONF = os.path.join(ROOT, "conf")
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+RELEASED = ("qwen3_30b_a3b", "glm47_flash")
+
+
+def compose(*overrides):
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return hcompose("config", overrides=["run_dir=/tmp/zeda-plan-test", *overrides])
+
+
+def hf_dict(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg.model.hf_config, resolve=True)
+
+
+def transformers_counts(hf: dict) -> tuple[int, int]:
+    """(parameters, router bias buffer elements) of transformers' model for this config, on meta."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(hf)
+    model_type = kw.pop("model_type")
+    kw.pop("architectures", None)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw))
+    params = sum(p.numel() for p in model.parameters())
+    bias = sum(b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    return params, bias, model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("model", RELEASED)
+def test_param_count_equals_transformers_on_meta(model):
+    """The original model's count equals transformers' exactly; the student adds exactly the null
+    router rows (Z x H per MoE layer) and, for GLM, Z expert-bias entries per MoE layer. GLM-4.7-Flash's
+    MTP layer is excluded on both sides (transformers builds none; the bridge imports none)."""
+    cfg = compose(f"model={model}")
+    hf = hf_dict(cfg)
+    counts = P.param_counts(hf, P.num_null_of(cfg, P.shapes_of(hf).experts))
+    hf_params, hf_bias, hf_layers = transformers_counts(hf)
+    assert hf_layers == hf["num_hidden_layers"]  # no MTP layer in transformers' model
+    assert counts["original"] == hf_params
+    s = P.shapes_of(hf)
+    z = s.experts // 2
+    n_moe = sum(s.moe_layers)
+    assert counts["student"] - counts["original"] == n_moe * z * s.hidden == counts["null_router_rows"]
+    assert counts["original_router_bias"] == hf_bias
+    if model == "glm47_flash":
+        assert hf_bias == n_moe * s.experts and counts["student_router_bias"] == n_moe * (s.experts + z)
+    else:
+        assert hf_bias == 0 and counts["student_router_bias"] == 0
+    assert counts["original"] > 29e9  # the ~30B models
+
+
+@pytest.mark.parametrize("model", RELEASED)
+@pytest.mark.parametrize("stage", ("sft", "opd"))
+def test_reference_presets_fit_80gb(model, stage):
+    cfg = compose(f"model={model}", "parallel=reference_8gpu", f"stage={stage}")
+    assert cfg.trainer.seq_length == (65536 if stage == "sft" else 36864)
+    plan = P.memory_plan(cfg, gpu_gb=80, on_gpu=True)
+    assert plan["layout"] == {"world": 8, "tp": 4, "pp": 1, "ep": 8, "etp": 1, "dp": 2, "expert_dp": 1,
+                              "sequence_parallel": True}
+    assert plan["fits"] is True and plan["gpu_bytes"] < 80e9, P.format_table(plan)
+    parts = plan["per_gpu_bytes"]
+    assert parts["optimizer_states"] == 0 and plan["host_optimizer_bytes"] > 0  # offloaded
+    assert (parts["rollout_kv_cache"] > 0) == (stage == "opd")
+    # without the preset's memory settings the same layout does not fit (the issue's ~77 GB of states)
+    bare = compose(f"model={model}", "parallel=reference_8gpu", f"stage={stage}",
+                   "optim.optimizer_cpu_offload=false", "trainer.recompute=false")
+    bad = P.memory_plan(bare, gpu_gb=80, on_gpu=True)
+    assert bad["fits"] is False
+    assert bad["fixes"][:2] == ["trainer.recompute=full",
+                               "optim.optimizer_cpu_offload=true optim.optimizer_offload_fraction=1.0"]
+
+
+def test_per_gpu_split_follows_the_layout():
+    """Experts split by EP x ETP, dense weights by TP (norms/router/MLA down projections replicated),
+    layers by PP; the distributed optimizer shards dense states over DP and experts over expert-DP."""
+    cfg = compose("model=glm47_flash")
+    hf = hf_dict(cfg)
+    s = P.shapes_of(hf)
+    one = P._layer_params(s, True, 32)
+    four = P._layer_params(s, True, 32, tp=4, ep=8, etp=1)
+    assert four["expert"] * 8 == one["expert"]
+    replicated = 2 * s.hidden + s.hidden * s.q_lora + s.q_lora + s.hidden * (s.kv_lora + s.qk_rope) + s.kv_lora \
+        + (s.experts + 32) * s.hidden
+    assert (one["dense"] - replicated) == 4 * (four["dense"] - replicated)
+    a = P.memory_plan(compose("model=glm47_flash", "parallel.ep=8", "parallel.tp=1"), world=8, gpu_gb=80, on_gpu=True)
+    b = P.memory_plan(compose("model=glm47_flash", "parallel.ep=8", "parallel.tp=1",
+                              "optim.use_distributed_optimizer=false"), world=8, gpu_gb=80, on_gpu=True)
+    dense, expert = a["per_gpu_params"]["student_dense"], a["per_gpu_params"]["student_expert"]
+    assert a["layout"]["dp"] == 8 and a["layout"]["expert_dp"] == 1
+    assert a["per_gpu_bytes"]["optimizer_states"] == int((dense / 8 + expert) * 12)
+    assert b["per_gpu_bytes"]["optimizer_states"] == (dense + expert) * 12
+
+
+def test_plan_cli_prints_table_and_json_line():
+    res = subprocess.run(
+        [sys.executable, "-m", "zeda_megatron.plan", "model=qwen3_30b_a3b", "parallel=reference_8gpu", "stage=sft"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    out = json.loads(lines[-1])
+    assert set(out) >= {"total_params", "student_params", "per_gpu_bytes", "gpu_bytes", "fits"}
+    assert out["fits"] is True and out["gpu_capacity_bytes"] == 80 * 10**9
+    assert set(out["per_gpu_bytes"]) == {"student_params", "student_grads", "optimizer_states", "teacher_params",
+                                         "activations", "loss_logits", "rollout_kv_cache", "reserve"}
+    assert "| student parameters |" in res.stdout and "headroom" in res.stdout and "fits: yes" in res.stdout
+    res = subprocess.run(
+        [sys.executable, "-m", "zeda_megatron.plan", "model=glm47_flash", "parallel=single", "stage=opd", "gpu_gb=40"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["fits"] is False and "fits: NO" in res.stdout and "more GPUs" in res.stdout
+
+
+# ---- the plan against the trainer's tensors ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_built(tmp_path_factory):
+    """tiny_glm built by the trainer's own build functions (CPU: fp32, plain optimizer), one step."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zeda_megatron.distributed import destroy_parallel, init_parallel
+    from zeda_megatron.mcore.specs import settings_from
+    from zeda_megatron.training import build as B
+
+    cfg = compose("model=tiny_glm", "stage=sft")
+    hf = hf_dict(cfg)
+    kw = dict(hf)
+    model_type = kw.pop("model_type")
+    kw.pop("architectures", None)
+    hf_dir = str(tmp_path_factory.mktemp("tiny") / "hf")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw)).save_pretrained(hf_dir)
+    init_parallel(tp=1, pp=1, ep=1, seed=1)
+    try:
+        z = P.num_null_of(cfg, P.shapes_of(hf).experts)
+        null = settings_from(P.shapes_of(hf).experts, num_null_experts=z, null_weight=2.0)
+        teacher, student, config, _ = B.build_models(
+            hf_dir=hf_dir, null=null, group_loss_coeff=0.1, seed=1, params_dtype=torch.float32,
+            sequence_parallel=False)
+        from omegaconf import OmegaConf
+
+        optim = OmegaConf.to_container(cfg.optim, resolve=True)
+        ddp, optimizer, _ = B.build_optimizer(student, config, optim=optim, max_steps=2, params_dtype=torch.float32)
+        for p in student.parameters():
+            p.main_grad.zero_()
+        optimizer.step()  # Adam's moments exist after the first step
+        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        grads = [b.grad_data for b in list(ddp.buffers) + list(ddp.expert_parallel_buffers)]
+        states = []
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            inner = opt.optimizer
+            for st in inner.state.values():
+                states += [v for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
+        measured = {
+            "student_params": nbytes(student.parameters()), "teacher_params": nbytes(teacher.parameters()),
+            "student_grads": nbytes(grads), "optimizer_states": nbytes(states),
+            "student_numel": sum(p.numel() for p in student.parameters()),
+        }
+    finally:
+        destroy_parallel()
+    return cfg, hf, measured
+
+
+def test_tiny_plan_bytes_equal_what_the_trainer_allocates(tiny_built):
+    cfg, hf, measured = tiny_built
+    plan = P.memory_plan(cfg, world=1, on_gpu=False)  # the CPU trainer: fp32 params, fp32 grads, plain Adam
+    parts = plan["per_gpu_bytes"]
+    assert plan["per_gpu_params"]["student"] == measured["student_numel"] == plan["student_params"]
+    for key in ("student_params", "teacher_params", "student_grads", "optimizer_states"):
+        assert parts[key] == measured[key], (key, parts[key], measured[key])
+    # the student is the teacher plus exactly the null router rows
+    assert parts["student_params"] - parts["teacher_params"] == plan["null_router_rows"] * 4
+
+
+# ---- refusal before any weight is read ---------------------------------------------------------------
+def test_layout_that_does_not_fit_is_refused_before_weights(tmp_path):
+    """The trainer's validation runs the plan: Qwen3-30B-A3B on one GPU of 80 GB is refused with the
+    settings that would help, from a folder with config.json only (no weights to read)."""
+    from omegaconf import OmegaConf
+
+    from zeda_megatron.training.validate import ConfigError, validate_config
+
+    cfg = compose("model=qwen3_30b_a3b", "stage=sft", "parallel.gpu_memory_gb=80")
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps(OmegaConf.to_container(cfg.model.hf_config, resolve=True)))
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    cfg = compose("model=qwen3_30b_a3b", "stage=sft", "parallel.gpu_memory_gb=80", f"model.hf_dir={hf_dir}",
+                  f"data.path={data}")
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg, 1)
+    msg = str(e.value)
+    assert "does not fit" in msg and "parallel.gpu_memory_gb" in msg
+    assert "trainer.recompute=full" in msg and "more GPUs" in msg
+    # the same layout with the check off passes validation
+    validate_config(compose("model=qwen3_30b_a3b", "stage=sft", "parallel.gpu_memory_gb=null",
+                            f"model.hf_dir={hf_dir}", f"data.path={data}"), 1)
