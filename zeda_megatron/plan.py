@@ -554,11 +554,35 @@ def check_config(cfg, world_size: int, *, error=PlanError) -> None:
     from zeda_megatron.bridge.hf_config import BridgeError, check_mcore_settings, model_info
 
     try:
-        family = model_info(hf_config_of(cfg)).family
-        check_mcore_settings(_get(cfg, "model.mcore"), family=family)
+        info = model_info(hf_config_of(cfg))
+        mcore = check_mcore_settings(_get(cfg, "model.mcore"), family=info.family)
     except (BridgeError, PlanError) as e:
         raise error(str(e)) from e
+    if mcore:
+        _check_transformer_config(cfg, info, mcore, error)
     check_fits(cfg, world_size, error=error)
+
+
+def _check_transformer_config(cfg, info, mcore: dict, error) -> None:
+    """Build (only) the TransformerConfig with the user's model.mcore settings and the layout, so that
+    megatron-core's own consistency checks fail now, not after the weights are loaded."""
+    import torch
+
+    from zeda_megatron.bridge.hf_config import transformer_config
+    from zeda_megatron.platform import on_cpu
+
+    tp, pp, ep = (int(_get(cfg, f"parallel.{k}", 1)) for k in ("tp", "pp", "ep"))
+    precision = str(_get(cfg, "trainer.precision", "auto"))
+    dtype = torch.float32 if precision == "fp32" or (precision == "auto" and on_cpu()) else torch.bfloat16
+    try:
+        transformer_config(
+            info, params_dtype=dtype, mcore=mcore, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep, expert_tensor_parallel_size=int(_get(cfg, "parallel.etp") or tp),
+            sequence_parallel=bool(_get(cfg, "parallel.sequence_parallel", False)),
+            pipeline_dtype=dtype if pp > 1 else None,
+        )
+    except (ValueError, AssertionError, TypeError) as e:
+        raise error(f"model.mcore: megatron-core rejects these settings: {e}") from e
 
 
 # ---- command line ------------------------------------------------------------------------------------
