@@ -1,0 +1,67 @@
+"""Helpers for the trainer tests: an engine on a tiny HF checkpoint, batches in the project's batch
+format built by hand (independently of the package's padding code), per-row views of the routing."""
+
+from __future__ import annotations
+
+import torch
+
+PAD_GARBAGE_SEED = 1234
+
+
+def make_engine(hf_dir: str, *, stage: str = "sft", kl_weight: float = 0.5, nll_weight: float = 1.0,
+                num_null: int = 4, group_loss_coeff: float = 0.1, lr: float = 0.0, router_replay: bool = True,
+                sequence_parallel: bool = False, seed: int = 0):
+    """A co-located engine (after init_parallel). ``lr=0``: steps leave the weights unchanged, so
+    one engine serves many comparisons; expert-bias updates are switched off for the same reason."""
+    from zeda_megatron.mcore.config import NullExpertSettings
+    from zeda_megatron.training.build import build_engine
+    from zeda_megatron.training.distill import LossSpec
+
+    spec = LossSpec(stage, nll_weight, kl_weight)
+    engine = build_engine(hf_dir=hf_dir, null=NullExpertSettings(num_null, 2.0), group_loss_coeff=group_loss_coeff,
+                          loss_spec=spec, optim={"lr": lr, "schedule": "constant", "clip_grad": 1e9},
+                          max_steps=10, seed=seed, router_replay=router_replay, sequence_parallel=sequence_parallel)
+    engine.config.moe_router_bias_update_rate = 0.0
+    return engine
+
+
+def batch_of(seqs: list[list[int]], length: int | None = None, prompt_lens: list[int] | None = None,
+             garbage_vocab: int = 100) -> dict:
+    """Right-padded batch of token sequences: row j predicts ``seqs[j][1:]`` (loss after its prompt);
+    pad positions hold random garbage tokens/labels (they must not matter), loss_mask 0,
+    padding_mask True, position ids 0..length-1."""
+    n = max(len(s) for s in seqs) - 1
+    length = length or n
+    gen = torch.Generator().manual_seed(PAD_GARBAGE_SEED)
+    b = len(seqs)
+    tokens = torch.randint(0, garbage_vocab, (b, length), generator=gen)
+    labels = torch.randint(0, garbage_vocab, (b, length), generator=gen)
+    loss_mask = torch.zeros(b, length)
+    padding_mask = torch.ones(b, length, dtype=torch.bool)
+    for j, s in enumerate(seqs):
+        m = len(s) - 1
+        tokens[j, :m] = torch.tensor(s[:-1])
+        labels[j, :m] = torch.tensor(s[1:])
+        first = max((prompt_lens or [1] * b)[j] - 1, 0)
+        loss_mask[j, first:m] = 1
+        padding_mask[j, :m] = False
+    return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
+            "position_ids": torch.arange(length).unsqueeze(0).expand(b, length).contiguous(),
+            "padding_mask": padding_mask}
+
+
+def rows_routing(recorded_layers: list[torch.Tensor], batch_size: int, seq_len: int) -> list[torch.Tensor]:
+    """Per MoE layer, the recorded top-k indices as [b, s, k] (megatron records [s*b, k])."""
+    return [t.reshape(seq_len, batch_size, -1).transpose(0, 1).cpu() for t in recorded_layers]
+
+
+def step_metrics(engine, microbatches, replay=None, pad_id: int = 0) -> dict:
+    """One train step's reported sums + routing metrics (null counters, group loss)."""
+    from zeda_megatron.training.moe_metrics import group_loss, null_metrics
+    from zeda_megatron.training.step import train_step
+
+    out = train_step(engine, microbatches, replay=replay, pad_id=pad_id)
+    routing = null_metrics(engine)
+    out.update(group_loss=group_loss(engine, len(microbatches)), null_share=routing["null_share"],
+               null_slots=routing["null_slots"], routed_slots=routing["routed_slots"])
+    return out
