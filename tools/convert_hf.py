@@ -2,7 +2,10 @@
 """Convert a Hugging Face MoE checkpoint (qwen3_moe, glm4_moe_lite) to a megatron-core checkpoint,
 optionally injecting Z null experts into every MoE layer's router.
 
-    python tools/convert_hf.py --hf-dir IN --out CKPT [--null-experts N | --null-ratio R] [--seed S]
+    python tools/convert_hf.py --hf-dir IN --out CKPT [--null-experts N | --null-ratio R] [--seed S] [--dtype D]
+
+The parameters keep the source checkpoint's dtype (an fp32 checkpoint stays fp32, as transformers'
+``dtype="auto"``); ``--dtype float32|bfloat16|float16`` converts.
 
 Runs in one process by default; under ``torchrun --nproc-per-node K`` with ``--ep``/``--pp``/``--tp``
 each rank reads only the safetensors tensors of its own shard. The output is a megatron-core
@@ -32,11 +35,46 @@ def parse_args(argv=None):
     z.add_argument("--null-ratio", type=float, default=None, help="Z/E, e.g. 0.5")
     p.add_argument("--seed", type=int, default=1234, help="seed of the null router rows (default 1234)")
     p.add_argument("--mask-null-experts", action="store_true", help="store the model with null experts masked")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="parameter dtype (default bfloat16)")
+    p.add_argument("--dtype", choices=("auto",) + DTYPES, default="auto",
+                   help="parameter dtype of the checkpoint (default auto: the source checkpoint's own dtype, "
+                        "as transformers' dtype='auto'; an fp32 checkpoint stays fp32)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     return p.parse_args(argv)
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def source_dtype(hf_dir: str) -> str:
+    """The dtype of the checkpoint's floating-point weights (safetensors headers; config.json's
+    ``dtype`` / ``torch_dtype`` when there is no safetensors file). Mixed dtypes: the most common one."""
+    import json
+    import math
+    import struct
+    from collections import Counter
+
+    files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+    counts = Counter()
+    for name in files:
+        with open(os.path.join(hf_dir, name), "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for key, meta in header.items():
+            if key != "__metadata__" and meta.get("dtype") in _SAFETENSORS_DTYPES:
+                shape = meta.get("shape") or [1]
+                counts[_SAFETENSORS_DTYPES[meta["dtype"]]] += math.prod(shape)
+    if counts:
+        return counts.most_common(1)[0][0]
+    cfg_path = os.path.join(hf_dir, "config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        d = str(cfg.get("dtype") or cfg.get("torch_dtype") or "").replace("torch.", "")
+        if d in DTYPES:
+            return d
+    return "bfloat16"
 
 
 def main(argv=None) -> int:
@@ -51,11 +89,15 @@ def main(argv=None) -> int:
     if os.path.exists(os.path.join(args.out, "mcore")):
         print(f"error: {args.out!r} already holds a checkpoint; choose a new --out", file=sys.stderr)
         return 2
+    dtype = source_dtype(args.hf_dir) if args.dtype == "auto" and os.path.isdir(args.hf_dir) else args.dtype
+    if dtype == "auto":
+        dtype = "bfloat16"  # no such folder: import_hf names the problem below
+    logging.getLogger("convert_hf").info("parameter dtype: %s%s", dtype, " (the source's)" if args.dtype == "auto" else "")
     init_parallel(tp=args.tp, pp=args.pp, ep=args.ep, seed=args.seed)
     try:
         model, report = import_hf(
             args.hf_dir, num_null_experts=args.null_experts, null_ratio=args.null_ratio, seed=args.seed,
-            mask_null_experts=args.mask_null_experts or None, params_dtype=getattr(torch, args.dtype),
+            mask_null_experts=args.mask_null_experts or None, params_dtype=getattr(torch, dtype),
         )
         save_checkpoint(model, args.out, hf_dir=args.hf_dir, seed=args.seed)
         null = model.zeda_null
