@@ -208,7 +208,12 @@ def main() -> None:
 
     @hydra.main(config_path="../conf", config_name="config", version_base=None)
     def _main(cfg):
+        from zeda_megatron.training import signals
+
+        signals.install_signal_handlers()  # early: a pre-time-limit signal during model building is kept, not fatal
+        signals.export_slurm_rank_env()  # a Slurm sweep point's tasks (conf/sweep/slurm.yaml) are its ranks
         run(cfg)
+        signals.requeue_if_stopped()  # a sweep point stopped by the pre-time-limit signal resumes after requeue
 
     _main()
 

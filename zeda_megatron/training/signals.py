@@ -80,3 +80,40 @@ def stop_requested_all(group=None) -> bool:
         return local
     flag = torch.tensor([1 if local else 0], dtype=torch.int32)
     return bool(all_reduce_host(flag, op=dist.ReduceOp.MAX, group=group).item())
+
+
+# ---- Slurm sweep points (hydra-submitit-launcher: one job per point, one task per rank) ------------------
+def export_slurm_rank_env() -> bool:
+    """In a submitit Slurm job with several tasks (conf/sweep/slurm.yaml), give each task the torch
+    distributed environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from Slurm's, as
+    torchrun would. Does nothing under torchrun (RANK set) or outside a submitit job; True if it set them."""
+    import os
+
+    if "RANK" in os.environ or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return False
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return False
+    import submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True
+
+
+def requeue_if_stopped() -> bool:
+    """After a run that stopped on the pre-time-limit signal inside a Slurm job started by submitit:
+    requeue the job (global rank 0; the requeued point resumes from its checkpoint in the same folder).
+    slurm/adapt.sh does the same for the batch job. True if it asked Slurm to requeue."""
+    import os
+    import subprocess
+
+    if not stop_requested() or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return False
+    if os.environ.get("SLURM_PROCID", "0") != "0" or not os.environ.get("SLURM_JOB_ID"):
+        return False
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    limit = int(os.environ.get("ZEDA_MAX_REQUEUES", "50"))
+    if restarts >= limit:
+        log.warning("stopped on a signal after %d requeues (ZEDA_MAX_REQUEUES=%d): not requeueing", restarts, limit)
+        return False
+    log.warning("stopped on a signal: requeueing Slurm job %s (restart %d)", os.environ["SLURM_JOB_ID"], restarts + 1)
+    return subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]]).returncode == 0
