@@ -10,9 +10,9 @@ PAD_GARBAGE_SEED = 1234
 
 def make_engine(hf_dir: str, *, stage: str = "sft", kl_weight: float = 0.5, nll_weight: float = 1.0,
                 num_null: int = 4, group_loss_coeff: float = 0.1, lr: float = 0.0, router_replay: bool = True,
-                sequence_parallel: bool = False, seed: int = 0):
+                sequence_parallel: bool = False, seed: int = 0, bias_update: bool = False):
     """A co-located engine (after init_parallel). ``lr=0``: steps leave the weights unchanged, so
-    one engine serves many comparisons; expert-bias updates are switched off for the same reason."""
+    one engine serves many comparisons; expert-bias updates are off (``bias_update``) for the same reason."""
     from zeda_megatron.mcore.config import NullExpertSettings
     from zeda_megatron.training.build import build_engine
     from zeda_megatron.training.distill import LossSpec
@@ -21,7 +21,8 @@ def make_engine(hf_dir: str, *, stage: str = "sft", kl_weight: float = 0.5, nll_
     engine = build_engine(hf_dir=hf_dir, null=NullExpertSettings(num_null, 2.0), group_loss_coeff=group_loss_coeff,
                           loss_spec=spec, optim={"lr": lr, "schedule": "constant", "clip_grad": 1e9},
                           max_steps=10, seed=seed, router_replay=router_replay, sequence_parallel=sequence_parallel)
-    engine.config.moe_router_bias_update_rate = 0.0
+    if not bias_update:
+        engine.config.moe_router_bias_update_rate = 0.0
     return engine
 
 

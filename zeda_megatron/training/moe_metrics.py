@@ -1,9 +1,11 @@
 """Routing metrics of a step over the whole model: null share per layer and overall, expert FLOPs
 removed, the group balance loss.
 
-Every token is counted once over TP x EP x PP x DP: under sequence parallelism each TP rank routes a
-different slice of the tokens, so the counters of all TP ranks are summed (without it every TP rank
-routes the same tokens and only TP rank 0 counts). Pads are never counted (the router gets the
+Every token is counted once over TP x EP x PP x DP: the null-expert layer's counters are per rank
+and count this rank's own non-pad tokens (under sequence parallelism each TP rank routes a different
+slice; without it only TP rank 0 counts), so they are summed over all ranks. The group loss each
+rank logs is its tokens' additive share (counts and token totals already reduced over TP): summed
+over TP, averaged over (DP replica, layer) pairs. Pads are never counted (the router gets the
 padding mask). One host all-reduce per metric group.
 """
 
@@ -14,12 +16,6 @@ import torch
 from zeda_megatron.distributed import all_reduce_host, comm_device
 
 
-def _counts_this_rank(config) -> bool:
-    from megatron.core import parallel_state as ps
-
-    return bool(getattr(config, "sequence_parallel", False)) or ps.get_tensor_model_parallel_rank() == 0
-
-
 def null_metrics(engine, reset: bool = True) -> dict:
     """Null share per layer and overall (all stages, all DP replicas), expert FLOPs removed."""
     from zeda_megatron.mcore.specs import routing_stats
@@ -27,10 +23,9 @@ def null_metrics(engine, reset: bool = True) -> dict:
     n_layers = engine.config.num_layers
     stats = routing_stats(engine.student, reset=reset)
     t = torch.zeros(n_layers, 2, dtype=torch.float64)
-    if _counts_this_rank(engine.config):
-        for number, s in stats["layers"].items():
-            t[number - 1, 0] += s["null_slots"]
-            t[number - 1, 1] += s["null_slots"] + s["real_assignments"]
+    for number, s in stats["layers"].items():
+        t[number - 1, 0] += s["null_slots"]
+        t[number - 1, 1] += s["null_slots"] + s["real_assignments"]
     t = all_reduce_host(t)
     per_layer = {i + 1: (t[i, 0] / t[i, 1]).item() for i in range(n_layers) if t[i, 1] > 0}
     share = (t[:, 0].sum() / t[:, 1].sum().clamp_min(1)).item()
@@ -58,8 +53,7 @@ def group_loss(engine, num_microbatches: int, reset: bool = True) -> float:
     t = torch.zeros(2, dtype=torch.float64, device=comm_device())
     if entry is not None:
         values = entry.values.detach().double().to(t.device)
-        if _counts_this_rank(engine.config):
-            t[0] = values.sum()
+        t[0] = values.sum()
         if ps.get_tensor_model_parallel_rank() == 0:
             t[1] = (values != 0).sum()
         if reset:
