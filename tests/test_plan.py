@@ -136,62 +136,76 @@ def test_plan_cli_prints_table_and_json_line():
 
 
 # ---- the plan against the trainer's tensors ----------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_built(tmp_path_factory):
-    """tiny_glm built by the trainer's own build functions (CPU: fp32, plain optimizer), one step."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from zeda_megatron.distributed import destroy_parallel, init_parallel
+def _measure(rank, world, hf_dir, num_null, optim, ep):
+    """Build teacher + student + DDP + optimizer with the trainer's own build functions on this rank,
+    take one optimizer step (Adam's moments exist after it) and measure the tensors."""
+    from zeda_megatron.distributed import init_parallel
     from zeda_megatron.mcore.specs import settings_from
     from zeda_megatron.training import build as B
 
-    cfg = compose("model=tiny_glm", "stage=sft")
+    init_parallel(tp=1, pp=1, ep=ep, seed=1)
+    from zeda_megatron.bridge.hf_config import model_info, read_config_json
+
+    info = model_info(read_config_json(hf_dir))
+    null = settings_from(info.num_experts, num_null_experts=num_null, null_weight=2.0)
+    teacher, student, config, _ = B.build_models(
+        hf_dir=hf_dir, null=null, group_loss_coeff=0.1, seed=1, params_dtype=torch.float32, sequence_parallel=False)
+    ddp, optimizer, _ = B.build_optimizer(student, config, optim=optim, max_steps=2, params_dtype=torch.float32)
+    for p in student.parameters():
+        p.main_grad.zero_()
+    optimizer.step()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    grads = [b.grad_data for b in list(ddp.buffers) + list(ddp.expert_parallel_buffers)]
+    states = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for st in opt.optimizer.state.values():
+            states += [v for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
+    return {
+        "student_params": nbytes(student.parameters()), "teacher_params": nbytes(teacher.parameters()),
+        "student_grads": nbytes(grads), "optimizer_states": nbytes(states),
+        "student_numel": sum(p.numel() for p in student.parameters()),
+    }
+
+
+@pytest.mark.parametrize("model,ep", [("tiny_glm", 1), ("tiny_qwen3", 2)])
+def test_tiny_plan_bytes_equal_what_the_trainer_allocates(model, ep, tmp_path):
+    """Parameters, DDP grad buffer and Adam states the plan predicts per rank equal the trainer's tensors
+    (CPU: fp32 params and grads, plain Adam), alone and with the experts split over EP=2 (2 ranks)."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dist_helpers import run_distributed
+    from zeda_megatron.distributed import destroy_parallel
+
+    cfg = compose(f"model={model}", "stage=sft", f"parallel.ep={ep}")
     hf = hf_dict(cfg)
     kw = dict(hf)
     model_type = kw.pop("model_type")
     kw.pop("architectures", None)
-    hf_dir = str(tmp_path_factory.mktemp("tiny") / "hf")
+    hf_dir = str(tmp_path / "hf")
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw)).save_pretrained(hf_dir)
-    init_parallel(tp=1, pp=1, ep=1, seed=1)
-    try:
-        z = P.num_null_of(cfg, P.shapes_of(hf).experts)
-        null = settings_from(P.shapes_of(hf).experts, num_null_experts=z, null_weight=2.0)
-        teacher, student, config, _ = B.build_models(
-            hf_dir=hf_dir, null=null, group_loss_coeff=0.1, seed=1, params_dtype=torch.float32,
-            sequence_parallel=False)
-        from omegaconf import OmegaConf
-
-        optim = OmegaConf.to_container(cfg.optim, resolve=True)
-        ddp, optimizer, _ = B.build_optimizer(student, config, optim=optim, max_steps=2, params_dtype=torch.float32)
-        for p in student.parameters():
-            p.main_grad.zero_()
-        optimizer.step()  # Adam's moments exist after the first step
-        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-        grads = [b.grad_data for b in list(ddp.buffers) + list(ddp.expert_parallel_buffers)]
-        states = []
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-            inner = opt.optimizer
-            for st in inner.state.values():
-                states += [v for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
-        measured = {
-            "student_params": nbytes(student.parameters()), "teacher_params": nbytes(teacher.parameters()),
-            "student_grads": nbytes(grads), "optimizer_states": nbytes(states),
-            "student_numel": sum(p.numel() for p in student.parameters()),
-        }
-    finally:
-        destroy_parallel()
-    return cfg, hf, measured
-
-
-def test_tiny_plan_bytes_equal_what_the_trainer_allocates(tiny_built):
-    cfg, hf, measured = tiny_built
-    plan = P.memory_plan(cfg, world=1, on_gpu=False)  # the CPU trainer: fp32 params, fp32 grads, plain Adam
+    z = P.num_null_of(cfg, P.shapes_of(hf).experts)
+    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    if ep == 1:
+        try:
+            measured = [_measure(0, 1, hf_dir, z, optim, 1)]
+        finally:
+            destroy_parallel()
+    else:
+        measured = run_distributed(_measure, ep, hf_dir, z, optim, ep)
+        assert measured[0] == measured[1]
+    m = measured[0]
+    plan = P.memory_plan(cfg, world=ep, on_gpu=False)
     parts = plan["per_gpu_bytes"]
-    assert plan["per_gpu_params"]["student"] == measured["student_numel"] == plan["student_params"]
+    assert plan["per_gpu_params"]["student"] == m["student_numel"]
+    if ep == 1:
+        assert m["student_numel"] == plan["student_params"]
+    else:  # half of the routed experts on each rank
+        assert plan["per_gpu_params"]["student_expert"] * 2 + plan["per_gpu_params"]["student_dense"] \
+            == plan["student_params"]
     for key in ("student_params", "teacher_params", "student_grads", "optimizer_states"):
-        assert parts[key] == measured[key], (key, parts[key], measured[key])
-    # the student is the teacher plus exactly the null router rows
+        assert parts[key] == m[key], (key, parts[key], m[key])
     assert parts["student_params"] - parts["teacher_params"] == plan["null_router_rows"] * 4
 
 
@@ -219,3 +233,19 @@ def test_layout_that_does_not_fit_is_refused_before_weights(tmp_path):
     # the same layout with the check off passes validation
     validate_config(compose("model=qwen3_30b_a3b", "stage=sft", "parallel.gpu_memory_gb=null",
                             f"model.hf_dir={hf_dir}", f"data.path={data}"), 1)
+
+
+def test_offload_settings_checked(monkeypatch):
+    from zeda_megatron.training.validate import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="optim.optimizer_cpu_offload=true needs CUDA"):
+        validate_config(compose("model=tiny_qwen3", "optim.optimizer_cpu_offload=true"), 1)
+    with pytest.raises(ConfigError, match=r"optim.optimizer_offload_fraction=1.5"):
+        validate_config(compose("model=tiny_qwen3", "optim.optimizer_offload_fraction=1.5"), 1)
+    import zeda_megatron.platform as platform
+
+    monkeypatch.setattr(platform, "on_cpu", lambda: False)
+    with pytest.raises(ConfigError, match="needs the distributed optimizer"):
+        P.check_config(compose("model=tiny_qwen3", "optim.optimizer_cpu_offload=true",
+                               "optim.use_distributed_optimizer=false", "parallel.gpu_memory_gb=null"), 1,
+                       error=ConfigError)

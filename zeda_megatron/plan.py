@@ -357,7 +357,7 @@ def memory_plan(cfg, world: int | None = None, gpu_gb=None, *, on_gpu: bool | No
     opt = opt_elems * per_param_opt
     host = 0.0
     if st.offload:
-        host = opt * st.offload_fraction * 18 / per_param_opt  # pinned param + fp32 copy + moments + grad copy
+        host = opt * st.offload_fraction * 16 / per_param_opt  # fp32 param copy + 2 moments + pinned fp32 grad
         opt = opt * (1 - st.offload_fraction)
     parts["optimizer_states"] = int(opt)
     parts["teacher_params"] = (tp_["dense"] + tp_["expert"]) * pb
@@ -560,7 +560,27 @@ def check_config(cfg, world_size: int, *, error=PlanError) -> None:
         raise error(str(e)) from e
     if mcore:
         _check_transformer_config(cfg, info, mcore, error)
+    _check_optimizer_memory_settings(cfg, error)
     check_fits(cfg, world_size, error=error)
+
+
+def _check_optimizer_memory_settings(cfg, error) -> None:
+    from zeda_megatron.platform import on_cpu
+
+    frac = _get(cfg, "optim.optimizer_offload_fraction", 1.0)
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= float(frac) <= 1.0:
+        raise error(f"optim.optimizer_offload_fraction={frac!r} must be a number in [0, 1]")
+    grad = _get(cfg, "optim.grad_reduce_in_fp32", True)
+    if not isinstance(grad, bool):
+        raise error(f"optim.grad_reduce_in_fp32={grad!r} must be true or false")
+    if not _get(cfg, "optim.optimizer_cpu_offload", False):
+        return
+    if on_cpu():
+        raise error("optim.optimizer_cpu_offload=true needs CUDA (megatron-core's HybridDeviceOptimizer moves "
+                    "optimizer states between GPU and host); set it to false on CPU")
+    if _get(cfg, "optim.use_distributed_optimizer", "auto") is False:
+        raise error("optim.optimizer_cpu_offload=true needs the distributed optimizer (megatron-core runs the "
+                    "offloaded step through its precision-aware path): set optim.use_distributed_optimizer=true/auto")
 
 
 def _check_transformer_config(cfg, info, mcore: dict, error) -> None:
