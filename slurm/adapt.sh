@@ -160,6 +160,11 @@ if ! command -v "${PYTHON%% *}" >/dev/null 2>&1; then
   say "phase 'check' failed: python '$PYTHON' not found. Build the environment on a login node (bash scripts/setup.sh)"
   say "or set PYTHON= to the interpreter of your container; see README, section 'Slurm'"; exit 2
 fi
+# the inputs first (seconds): a missing model.hf_dir or data.prompts ends the job before anything starts
+if ! "${JOB[@]}" plan --family "$FAMILY" --run-dir "$RUN" --inputs-only -- "$@" >>"$CHECK_LOG" 2>"$RUN/job/plan.err"; then
+  cat "$RUN/job/plan.err" >>"$CHECK_LOG"; sed 's/^/  /' "$RUN/job/plan.err" >&2
+  say "phase 'check' failed: missing or wrong inputs (the overrides named above); log: $CHECK_LOG" >&2; exit 2
+fi
 ENV_ARGS=(env)
 if [ "$DEVICE" != cpu ]; then ENV_ARGS+=(--need-cuda --gpus "$(jobopt nproc_per_node "${SLURM_GPUS_ON_NODE:-8}")"); fi
 if [ -n "${SLURM_JOB_ID:-}" ]; then

@@ -52,6 +52,9 @@ REFERENCE = {
     "generate": {"max_new_tokens": 32768, "temperature": 1.0},
 }
 
+# the parts of the training config that python -m zeda_megatron.generate shares (conf/generate.yaml)
+GENERATE_KEYS = ("model", "parallel", "data", "logging", "cluster", "seed")
+
 JOB_DEFAULTS = {
     "run_dir": None,            # default runs/<model.name>-<SLURM_JOB_ID> (stable across requeues)
     "nodes": None,              # default SLURM_NNODES (1 outside Slurm)
@@ -142,7 +145,7 @@ def cli_args(overrides: list[str]) -> list[str]:
 
 
 # ---- plan --------------------------------------------------------------------------------------------
-def build_plan(family: str, run_dir: str, overrides: list[str], dry_run: bool, env: dict) -> dict:
+def build_plan(family: str, run_dir: str, overrides: list[str], dry_run: bool, env: dict, inputs_only: bool = False) -> dict:
     routed = split_overrides(overrides)
     ph, job, inputs = routed["phase"], routed["job"], routed["inputs"]
     common = list(ph["common"])
@@ -179,9 +182,11 @@ def build_plan(family: str, run_dir: str, overrides: list[str], dry_run: bool, e
         errors.append(f"data.prompts={prompts} is empty")
     if inputs["responses"] and not os.path.isfile(inputs["responses"]):
         errors.append(f"data.responses={inputs['responses']} does not exist")
+    if inputs_only:
+        return {"errors": errors}
     n_prompts = count_prompts(prompts)
-    hf_dir = os.path.abspath(str(hf_dir)) if hf_dir else "<model.hf_dir>"
-    prompts = prompts
+    hf_dir = os.path.abspath(str(hf_dir)) if hf_dir else "MISSING-model.hf_dir"
+    prompts = prompts or "MISSING-data.prompts"
     if n_prompts is None:
         n_prompts = REFERENCE["num_prompts"]
         notes.append(f"prompt count assumed {n_prompts} (the reference's); read from data.prompts when it exists")
@@ -271,8 +276,9 @@ def build_plan(family: str, run_dir: str, overrides: list[str], dry_run: bool, e
         add("generate", "stage-1 responses (given: data.responses)", "none", [], [inputs["responses"]],
             [f"data.responses={inputs['responses']} given: no generation"])
     elif module_exists("zeda_megatron.generate"):
-        gen = ["-m", "zeda_megatron.generate", f"model.hf_dir={hf_dir}", f"data.prompts={prompts}", f"output={gen_out}",
-               *gen_ov]
+        shared = [o for o in common if o.lstrip("+~").split("=", 1)[0].split(".")[0] in GENERATE_KEYS]
+        gen = ["-m", "zeda_megatron.generate", *shared, f"data.prompts={prompts}", f"output={gen_out}",
+               f"hydra.run.dir={d('generate')}", *gen_ov]
         add("generate", "stage-1 responses from the teacher", "torchrun", gen, [gen_out],
             [f"teacher {hf_dir} answers {n_prompts} prompts from {prompts} -> {gen_out} (resumable)",
              f"settings: {' '.join(gen_ov)}"])
@@ -300,10 +306,12 @@ def build_plan(family: str, run_dir: str, overrides: list[str], dry_run: bool, e
         p = plans.get(name)
         lay_s = (f"TP{p.tp} PP{p.pp} EP{p.ep} ETP{p.etp} DP{p.dp}, {p.num_microbatches} micro-batches/step"
                  if p else f"TP{c.parallel.tp} PP{c.parallel.pp} EP{c.parallel.ep}")
-        intro = [f"stage {n} ({name}): {t.max_steps} steps, global batch {t.global_batch_size}, micro batch "
-                 f"{t.micro_batch_size}, seq length {t.seq_length}"
-                 + (f", {c.stage.samples_per_prompt} samples/prompt, response <= {c.stage.max_new_tokens} tokens, "
-                    f"temperature {c.stage.temperature}" if name == "opd" else ""),
+        spp = int(c.stage.samples_per_prompt)
+        intro = [f"stage {n} ({name}): {t.max_steps} steps, global batch {t.global_batch_size}"
+                 + (f" ({int(t.global_batch_size) // spp} prompts x {spp} samples)" if name == "opd" else "")
+                 + f", micro batch {t.micro_batch_size}, seq length {t.seq_length}"
+                 + (f", response <= {c.stage.max_new_tokens} tokens, temperature {c.stage.temperature}" if name == "opd"
+                    else f" ({epochs:g} epoch of {n_sft} examples)" if int(t.max_steps) == steps1 else ""),
                  f"optimizer: lr {o.lr} ({o.schedule}, warmup {o.warmup_fraction}, min {o.min_lr}), wd {o.weight_decay}, "
                  f"betas {o.adam_beta1}/{o.adam_beta2}",
                  f"layout: {lay_s}; {world} processes; recompute {t.recompute}",
@@ -647,10 +655,11 @@ def main(argv=None) -> int:
         a.add_argument("--family", choices=sorted(FAMILY_MODEL), required=True)
         a.add_argument("--run-dir", required=True)
         a.add_argument("--dry-run", action="store_true")
+        a.add_argument("--inputs-only", action="store_true", help="only check the inputs (seconds, no torch)")
         a.add_argument("overrides", nargs="*")
         ns = a.parse_args(rest)
         try:
-            plan = build_plan(ns.family, ns.run_dir, ns.overrides, ns.dry_run, dict(os.environ))
+            plan = build_plan(ns.family, ns.run_dir, ns.overrides, ns.dry_run, dict(os.environ), ns.inputs_only)
         except SystemExit:
             raise
         except Exception as e:  # a Hydra composition error names the override
@@ -660,6 +669,8 @@ def main(argv=None) -> int:
             for e in plan["errors"]:
                 say(f"[check] error: {e}", sys.stderr)
             return 2
+        if ns.inputs_only:
+            return 0
         print_plan(plan, ns.dry_run)
         if not ns.dry_run:
             write_plan(plan)
