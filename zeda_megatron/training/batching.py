@@ -98,17 +98,18 @@ class PackPlan:
     def __init__(self, positions: np.ndarray, seq_length: int, seed: int, epoch: int, window: int = PACK_WINDOW):
         n = len(positions)
         perm = _epoch_order(n, seed, epoch).numpy()
-        docs: list[np.ndarray] = []
-        starts = [0]
+        dtype = np.int64 if n >= 2**31 else np.int32
+        docs: list[np.ndarray] = []  # one array per window (few, small objects)
+        sizes: list[np.ndarray] = []
         for w0 in range(0, n, window):
             idx = perm[w0: w0 + window]
             bins = best_fit_decreasing(positions[idx], seq_length)
             rng = np.random.default_rng([int(seed), int(epoch), w0, 7])
-            for k in rng.permutation(len(bins)).tolist():
-                docs.append(idx[np.asarray(bins[k], dtype=np.int64)])
-                starts.append(starts[-1] + len(bins[k]))
-        self.docs = np.concatenate(docs).astype(np.int64 if n >= 2**31 else np.int32)
-        self.starts = np.asarray(starts, dtype=np.int64)
+            shuffled = [bins[k] for k in rng.permutation(len(bins)).tolist()]
+            docs.append(idx[np.fromiter((i for b in shuffled for i in b), dtype=np.int64, count=len(idx))].astype(dtype))
+            sizes.append(np.fromiter((len(b) for b in shuffled), dtype=np.int64, count=len(shuffled)))
+        self.docs = np.concatenate(docs)
+        self.starts = np.concatenate([[0], np.cumsum(np.concatenate(sizes))]).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.starts) - 1

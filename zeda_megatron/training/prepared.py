@@ -168,6 +168,15 @@ def prepare(path: str, tokenizer, prefix: str, fmt: str = "auto", chat_template:
     return {**meta, "skipped": False}
 
 
+def _advise_random(memmap) -> None:
+    """No read-ahead / fault-around on a numpy memmap (random access touches one page per lookup)."""
+    import mmap as _mmap
+
+    m = getattr(memmap, "_mmap", None)
+    if m is not None and hasattr(m, "madvise") and hasattr(_mmap, "MADV_RANDOM"):
+        m.madvise(_mmap.MADV_RANDOM)
+
+
 def _as_tensor(a: np.ndarray):
     import torch
 
@@ -193,9 +202,13 @@ class PreparedData:
             raise ValueError(f"{prefix} was prepared with chat_template={self.meta['chat_template']} but "
                              f"data.chat_template={bool(chat_template)}; prepare it again or change data.chat_template")
         self.format = self.meta["format"]
-        self._ids = IndexedDataset(prefix)
-        self._mask = IndexedDataset(prefix + "_mask")
+        # .bin files are read with positioned reads (megatron's mmap=False reader): a rank's resident memory
+        # stays flat however many samples it has touched; the .idx stays memory-mapped, advised random
+        self._ids = IndexedDataset(prefix, mmap=False)
+        self._mask = IndexedDataset(prefix + "_mask", mmap=False)
         self.first = np.load(paths(prefix)["first"], mmap_mode="r")
+        for m in (self._ids.index.bin_buffer_mmap, self._mask.index.bin_buffer_mmap, self.first):
+            _advise_random(m)
 
     def __len__(self) -> int:
         return len(self._ids)
