@@ -300,3 +300,72 @@ def test_bench_kl_small_chunked_peak_is_a_quarter_with_equal_values_and_gradient
     assert out["chunked_peak_bytes"] <= out["unchunked_peak_bytes"] / 4
     assert out["max_rel_diff"] <= 1e-5
     assert out["max_grad_diff"] <= 1e-5
+
+
+# ---- megatron's GPTModel.forward(output_processor=...) at TP=2: tied + SP, untied without SP ----------
+def _gpt_worker(rank, world):
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer import TransformerConfig
+
+    from zeda_megatron.distributed import init_parallel
+    from zeda_megatron.mcore.specs import gpt_block_spec
+    from zeda_megatron.platform import cpu_config_overrides
+
+    init_parallel(tp=world)
+    group = ps.get_tensor_model_parallel_group()
+    tokens = torch.randint(0, 64, (2, 8), generator=_gen(0))
+    pos = torch.arange(8).unsqueeze(0).expand(2, -1)
+    labels, mask = torch.roll(tokens, -1, 1), torch.ones(2, 8)
+    mask[1, 5:] = 0
+    labels[1, 5:] = -100
+    res = {}
+    for tied, sp in ((True, True), (False, False)):
+        cfg = TransformerConfig(num_layers=2, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2,
+                                tensor_model_parallel_size=world, sequence_parallel=sp, add_bias_linear=False,
+                                hidden_dropout=0.0, attention_dropout=0.0, **cpu_config_overrides())
+
+        def build(seed):
+            model_parallel_cuda_manual_seed(seed)
+            torch.manual_seed(seed)
+            return GPTModel(cfg, gpt_block_spec(cfg), vocab_size=64, max_sequence_length=16,
+                            share_embeddings_and_output_weights=tied)
+
+        student, teacher = build(1), build(2)
+        # materialised logits [b, s, V/TP] through losses.py (the current path)
+        zs = student(tokens, pos, attention_mask=None).float()
+        with torch.no_grad():
+            zt = teacher(tokens, pos, attention_mask=None).float()
+        lo = ps.get_tensor_model_parallel_rank() * zs.shape[-1]
+        y = labels.clamp_min(0)
+        ref = ((-losses.token_logprob(zs, y, group, lo) + losses.reverse_kl(zs, zt, 1.5, group)) * mask).sum()
+        ref.backward()
+        ref_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+        for p in student.parameters():
+            p.grad = None
+        # fused: hidden states + output weight from the output_processor hook
+        so = student(tokens, pos, attention_mask=None, output_processor=linear_kl.output_processor)
+        with torch.no_grad():
+            to = teacher(tokens, pos, attention_mask=None, output_processor=linear_kl.output_processor)
+        assert so.hidden_states.shape == (8, 2, 16) and so.vocab_start == lo
+        assert (so.weight is student.embedding.word_embeddings.weight) == tied
+        out = linear_kl.fused_losses_from_outputs(so, to, labels, mask, nll_weight=1.0, reverse_kl_weight=1.0,
+                                                  temperature=1.5, chunk_size=3)
+        out.loss.backward()
+        res[(tied, sp)] = {
+            "loss": (float(ref), float(out.loss.detach())),
+            "grads": {n: (ref_grads[n], p.grad) for n, p in student.named_parameters()},
+        }
+    return res
+
+
+def test_gpt_model_output_processor_tp2_tied_sp_and_untied():
+    for r in run_distributed(_gpt_worker, 2):
+        for case, got in r.items():
+            ref_loss, loss = got["loss"]
+            assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), case
+            assert len(got["grads"]) > 5
+            for name, (ref_g, g) in got["grads"].items():
+                assert g is not None, (case, name)
+                _close(g, ref_g, rtol=1e-4, atol=1e-6)

@@ -72,8 +72,10 @@ def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product of [C, V] tensors without a [C, V] temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    """Row-wise dot product of [C, V] tensors (an elementwise product + torch's sum: batched
+    matmul would spare the temporary but accumulates sequentially on CPU, ~1e-5 relative error
+    over 38k entries against ~1e-7 here)."""
+    return torch.linalg.vecdot(a, b)
 
 
 @dataclass(frozen=True)
