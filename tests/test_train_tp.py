@@ -122,3 +122,25 @@ def test_stage2_trains_under_tp_sp(results, family, layout):
     for step, (a, b) in enumerate(zip(ref, got)):
         for key in ("loss", "kl", "grad_norm", "group_loss", "null_share"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (family, layout, step, key, a[key], b[key])
+
+
+def test_job_runs_tp2_sp_from_the_command_line(tmp_path):
+    """python -m zeda_megatron.train with parallel.tp=2 parallel.sequence_parallel=true under torchrun:
+    stage 1 equals the one-process run (same rows per DP replica), stage 2 trains."""
+    import json
+
+    from test_train import metrics, train
+
+    args = ("model=tiny_glm", "stage=sft", "trainer.max_steps=3", "trainer.global_batch_size=2",
+            "stage.kl_weight=0.5", "model.group_loss_coeff=0.1", "trainer.verify_teacher=false")
+    tp = ("parallel.tp=2", "parallel.sequence_parallel=true")
+    train(1, tmp_path / "tp1", *args)
+    train(2, tmp_path / "tp2", *args, *tp)
+    for a, b in zip(metrics(tmp_path / "tp1"), metrics(tmp_path / "tp2")):
+        for key in ("loss", "nll", "kl", "grad_norm", "group_loss", "null_share"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key, a[key], b[key])
+    train(2, tmp_path / "opd", "model=tiny_glm", "stage=opd", "trainer.max_steps=2", "trainer.global_batch_size=2",
+          "stage.max_new_tokens=5", f"model.init_checkpoint={tmp_path / 'tp2'}/checkpoints", *tp)
+    rows = metrics(tmp_path / "opd")
+    assert len(rows) == 2 and all(r["kl"] > 0 and r["tokens"] > 0 for r in rows)
+    assert json.load(open(tmp_path / "opd" / "summary.json"))["steps_done"] == 2
