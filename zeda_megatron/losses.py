@@ -7,6 +7,10 @@ group; the log-partition functions are all-reduced (differentiably) so every ran
 per-token value.
 
 Shapes: logits [..., V_local]; the returned per-token values have the leading shape [...].
+
+These take materialised logits. At a large vocabulary and long sequences use
+:mod:`zeda_megatron.linear_kl`, which computes the same values (and gradients) from the final
+hidden states and the output weight per token chunk, without materialising the logits.
 """
 
 from __future__ import annotations
