@@ -6,14 +6,16 @@ ids everywhere (tests/test_data_template.py pins it).
 
 Rules:
 
-* **prompt** -> ``BOS? + encode(text)`` where ``text`` is the prompt itself, or with
+* **prompt** -> ``encode(text)`` where ``text`` is the prompt itself (BOS in front, below), or with
   ``chat_template=True`` the prompt as one user turn of the tokenizer's chat template with the
   generation prompt appended (``apply_chat_template(..., add_generation_prompt=True)``, the way
   Qwen3/GLM chat models are prompted). The released-model presets turn it on
   (``model.chat_template: true`` -> ``data.chat_template``); tiny and embedded models keep plain prompts.
-* **BOS**: prepended when the tokenizer defines one and the ids do not already start with it (a chat
-  template may render it itself; Qwen3's and GLM's tokenizers define none, GLM's template renders its
-  own ``[gMASK]<sop>`` prefix). The byte tokenizer and the embedded BPE tokenizer have a BOS.
+* **BOS**: a chat-templated prompt is exactly the template's text, encoded without added special
+  tokens (what ``apply_chat_template(tokenize=True)`` gives: the template renders whatever prefix the
+  model expects, e.g. GLM's ``[gMASK]<sop>``, Llama 3's ``<|begin_of_text|>``, nothing for Qwen3). A
+  plain prompt (and a text) gets the tokenizer's BOS in front when it defines one (the byte tokenizer
+  and the embedded BPE tokenizer do; the word-level test tokenizer does not).
 * **response** -> ``encode(response) + EOS`` (encoded on its own, as a generated continuation is).
 * **text** -> ``BOS? + encode(text) + EOS``; every token but the first is trained.
 
@@ -44,7 +46,8 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = Fals
     """Token ids of each prompt (template + BOS per the module's rules)."""
     tok = as_tokenizer(tokenizer)
     texts = [prompt_text(tok, p, chat_template) for p in prompts]
-    return [with_bos(tok, ids) for ids in tok.encode_batch(texts)]
+    ids = tok.encode_batch(texts)
+    return ids if chat_template else [with_bos(tok, x) for x in ids]
 
 
 def encode_prompt(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:
