@@ -75,7 +75,7 @@ def test_param_count_equals_transformers_on_meta(model):
 @pytest.mark.parametrize("stage", ("sft", "opd"))
 def test_reference_presets_fit_80gb(model, stage):
     cfg = compose(f"model={model}", "parallel=reference_8gpu", f"stage={stage}")
-    assert cfg.trainer.seq_length == (65536 if stage == "sft" else 36864)
+    assert cfg.trainer.micro_batch_size * cfg.trainer.seq_length == (65536 if stage == "sft" else 2 * 36864)
     plan = P.memory_plan(cfg, gpu_gb=80, on_gpu=True)
     assert plan["layout"] == {"world": 8, "tp": 4, "pp": 1, "ep": 8, "etp": 1, "dp": 2, "expert_dp": 1,
                               "sequence_parallel": True}
@@ -238,8 +238,6 @@ def test_layout_that_does_not_fit_is_refused_before_weights(tmp_path):
 def test_offload_settings_checked(monkeypatch):
     from zeda_megatron.training.validate import ConfigError, validate_config
 
-    with pytest.raises(ConfigError, match="optim.optimizer_cpu_offload=true needs CUDA"):
-        validate_config(compose("model=tiny_qwen3", "optim.optimizer_cpu_offload=true"), 1)
     with pytest.raises(ConfigError, match=r"optim.optimizer_offload_fraction=1.5"):
         validate_config(compose("model=tiny_qwen3", "optim.optimizer_offload_fraction=1.5"), 1)
     import zeda_megatron.platform as platform

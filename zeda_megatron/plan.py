@@ -565,8 +565,6 @@ def check_config(cfg, world_size: int, *, error=PlanError) -> None:
 
 
 def _check_optimizer_memory_settings(cfg, error) -> None:
-    from zeda_megatron.platform import on_cpu
-
     frac = _get(cfg, "optim.optimizer_offload_fraction", 1.0)
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= float(frac) <= 1.0:
         raise error(f"optim.optimizer_offload_fraction={frac!r} must be a number in [0, 1]")
@@ -575,9 +573,8 @@ def _check_optimizer_memory_settings(cfg, error) -> None:
         raise error(f"optim.grad_reduce_in_fp32={grad!r} must be true or false")
     if not _get(cfg, "optim.optimizer_cpu_offload", False):
         return
-    if on_cpu():
-        raise error("optim.optimizer_cpu_offload=true needs CUDA (megatron-core's HybridDeviceOptimizer moves "
-                    "optimizer states between GPU and host); set it to false on CPU")
+    # (on CPU the trainer refuses the distributed optimizer, which offload needs, before reading weights;
+    # validating a GPU preset on a CPU machine stays possible)
     if _get(cfg, "optim.use_distributed_optimizer", "auto") is False:
         raise error("optim.optimizer_cpu_offload=true needs the distributed optimizer (megatron-core runs the "
                     "offloaded step through its precision-aware path): set optim.use_distributed_optimizer=true/auto")
