@@ -8,6 +8,7 @@ import os
 from unittest import mock
 
 import pytest
+import torch
 
 from zeda_megatron.bridge import hf_config as H
 
@@ -87,27 +88,40 @@ def test_gpu_presets_turn_on_grouped_gemm_and_fusions():
     assert OmegaConf.to_container(compose("model=tiny_glm").model.mcore) == {}
 
 
-def test_mcore_reaches_student_and_teacher_config():
-    """Built through the bridge for both sides of the pair (teacher: stock layer; student: null experts)."""
-    from zeda_megatron.bridge.builders import build_model
+def test_mcore_reaches_student_and_teacher_config(tmp_path):
+    """Through the trainer's own build (training.build.build_models): the teacher (stock layer) and the
+    student (null experts) both get the model.mcore fields; CUDA-only kernels are forced off on CPU."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from zeda_megatron.distributed import destroy_parallel, init_parallel
     from zeda_megatron.mcore.config import NullExpertSettings
+    from zeda_megatron.training.build import build_models, cpu_offload_settings
 
-    info = info_of("tiny_qwen3")
+    hf = OmegaConf.to_container(compose("model=tiny_qwen3").model.hf_config, resolve=True)
+    model_type = hf.pop("model_type")
+    hf.pop("architectures", None)
+    hf_dir = str(tmp_path / "hf")
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf)).save_pretrained(hf_dir)
     settings = {"moe_z_loss_coeff": 2e-3, "moe_router_dtype": "fp64", "moe_grouped_gemm": True}
     init_parallel(tp=1, pp=1, ep=1, seed=3)
     try:
-        teacher, _, tcfg = build_model(info, None, mcore=settings)
-        student, _, scfg = build_model(info, NullExpertSettings(num_null_experts=4, null_weight=2.0), mcore=settings)
+        teacher, student, scfg, _ = build_models(
+            hf_dir=hf_dir, null=NullExpertSettings(num_null_experts=4, null_weight=2.0), group_loss_coeff=0.1,
+            seed=1, params_dtype=torch.float32, sequence_parallel=False, mcore=settings)
     finally:
         destroy_parallel()
-    for cfg, model in ((tcfg, teacher), (scfg, student)):
+    for cfg, model in ((teacher.config, teacher), (scfg, student)):
         assert cfg.moe_z_loss_coeff == 2e-3 and cfg.moe_router_dtype == "fp64"
         assert cfg.moe_grouped_gemm is False  # forced off on CPU
         routers = [m for m in model.modules() if type(m).__name__.endswith("Router")]
         assert routers and all(r.config.moe_router_dtype == "fp64" for r in routers)
+    assert scfg.moe_router_load_balancing_type == "grouped_aux_loss"  # the trainer's own settings still win
     with pytest.raises(H.MCoreSettingError, match="model.mcore.fp8"):
-        H.transformer_config(info, mcore={"fp8": "hybrid"})
+        H.transformer_config(H.model_info({**hf, "model_type": model_type}), mcore={"fp8": "hybrid"})
+    assert cpu_offload_settings({"optimizer_cpu_offload": False}) == {}
+    assert cpu_offload_settings({"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5}) == dict(
+        optimizer_cpu_offload=True, use_precision_aware_optimizer=True, optimizer_offload_fraction=0.5)
 
 
 def test_trainer_validation_refuses_bad_mcore_before_building(tmp_path):

@@ -120,6 +120,7 @@ def run(cfg) -> dict:
         init_checkpoint=cfg.model.init_checkpoint, recompute=_recompute_mode(cfg.trainer.recompute),
         router_replay=stage.name == "opd" and bool(stage.router_replay), params_dtype=dtype,
         sequence_parallel=bool(cfg.parallel.get("sequence_parallel", False)),
+        mcore=OmegaConf.to_container(cfg.model.mcore, resolve=True) if cfg.model.get("mcore") else None,
     )
     start = 0
     if resume:

@@ -55,15 +55,27 @@ def resolve_distributed_optimizer(optim: dict) -> bool:
     return dist_opt
 
 
+def cpu_offload_settings(optim: dict) -> dict:
+    """megatron-core's CPU optimizer offload (HybridDeviceOptimizer) from optim.optimizer_cpu_offload /
+    optim.optimizer_offload_fraction; megatron runs it through the precision-aware optimizer path (as
+    Megatron-LM's --optimizer-cpu-offload requires --use-precision-aware-optimizer)."""
+    if not optim.get("optimizer_cpu_offload", False):
+        return {}
+    return dict(optimizer_cpu_offload=True, use_precision_aware_optimizer=True,
+                optimizer_offload_fraction=float(optim.get("optimizer_offload_fraction", 1.0)))
+
+
 def build_models(*, hf_dir: str, null, group_loss_coeff: float, seed: int, params_dtype, sequence_parallel: bool,
-                 init_checkpoint: str | None = None, recompute: str | None = None, router_replay: bool = False):
+                 init_checkpoint: str | None = None, recompute: str | None = None, router_replay: bool = False,
+                 mcore: dict | None = None):
     """(teacher, student, student TransformerConfig, HF model info) for this rank, weights loaded."""
     from megatron.core.transformer.moe.router_replay import RouterReplay
 
     from zeda_megatron.bridge.builders import build_model
     from zeda_megatron.bridge.import_hf import load_hf_weights
 
-    teacher, info, _ = build_model(hf_dir, None, params_dtype=params_dtype, sequence_parallel=sequence_parallel)
+    teacher, info, _ = build_model(hf_dir, None, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
+                                   mcore=mcore)  # model.mcore: TransformerConfig fields (bridge/hf_config.py)
     load_hf_weights(teacher, hf_dir, seed=seed)
     RouterReplay.clear_global_router_replay_instances()  # one student per process owns the list
     student_overrides = dict(
@@ -74,7 +86,7 @@ def build_models(*, hf_dir: str, null, group_loss_coeff: float, seed: int, param
         student_overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":  # megatron-core's default selective set (core attention)
         student_overrides.update(recompute_granularity="selective")
-    student, _, config = build_model(hf_dir, null, params_dtype=params_dtype, **student_overrides)
+    student, _, config = build_model(hf_dir, null, params_dtype=params_dtype, mcore=mcore, **student_overrides)
     load_hf_weights(student, hf_dir, seed=seed)
     if init_checkpoint:
         from zeda_megatron.training.checkpoint import load_model_only
@@ -92,7 +104,8 @@ def build_optimizer(student, config, *, optim: dict, max_steps: int, params_dtyp
 
     dist_opt = resolve_distributed_optimizer(optim)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=dist_opt,
+        grad_reduce_in_fp32=bool(optim.get("grad_reduce_in_fp32", True)), overlap_grad_reduce=False,
+        use_distributed_optimizer=dist_opt,
     )
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=student)
     opt_config = OptimizerConfig(
@@ -100,6 +113,7 @@ def build_optimizer(student, config, *, optim: dict, max_steps: int, params_dtyp
         adam_beta1=optim.get("adam_beta1", 0.9), adam_beta2=optim.get("adam_beta2", 0.999),
         clip_grad=optim.get("clip_grad", 1.0), bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
         use_distributed_optimizer=dist_opt, adam_eps=optim.get("adam_eps", 1e-8),
+        **cpu_offload_settings(optim),
     )
     optimizer = get_megatron_optimizer(opt_config, [ddp])
     warmup = int(round(optim.get("warmup_fraction", 0.0) * max_steps))
@@ -118,7 +132,7 @@ def build_optimizer(student, config, *, optim: dict, max_steps: int, params_dtyp
 def build_engine(*, hf_dir: str, null, group_loss_coeff: float, loss_spec: LossSpec, optim: dict,
                  max_steps: int, seed: int,
                  init_checkpoint: str | None = None, recompute: str | None = None, router_replay: bool = False,
-                 params_dtype=None, sequence_parallel: bool = False) -> Engine:
+                 params_dtype=None, sequence_parallel: bool = False, mcore: dict | None = None) -> Engine:
     """Build teacher and student for this rank (after init_parallel), load the HF weights into both
     (null rows drawn for the student with ``seed``), wrap the student in DDP and build the optimizer."""
     dtype = params_dtype or (torch.float32 if on_cpu() else torch.bfloat16)
@@ -126,7 +140,7 @@ def build_engine(*, hf_dir: str, null, group_loss_coeff: float, loss_spec: LossS
     teacher, student, config, info = build_models(
         hf_dir=hf_dir, null=null, group_loss_coeff=group_loss_coeff, seed=seed, params_dtype=dtype,
         sequence_parallel=sequence_parallel, init_checkpoint=init_checkpoint, recompute=recompute,
-        router_replay=router_replay)
+        router_replay=router_replay, mcore=mcore)
     ddp, optimizer, scheduler = build_optimizer(student, config, optim=optim, max_steps=max_steps, params_dtype=dtype)
     wrapper = CoLocatedDistillation(ddp, teacher)
     return Engine(wrapper, ddp, optimizer, scheduler, config, info, null, loss_spec)
