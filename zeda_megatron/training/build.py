@@ -74,8 +74,11 @@ def build_models(*, hf_dir: str, null, group_loss_coeff: float, seed: int, param
     from zeda_megatron.bridge.builders import build_model
     from zeda_megatron.bridge.import_hf import load_hf_weights
 
+    # model.mcore: TransformerConfig fields (bridge/hf_config.py); the frozen teacher has no weight
+    # gradients to accumulate (and no DDP main_grad buffers for TE's fused accumulation to write into)
+    teacher_mcore = {k: v for k, v in (mcore or {}).items() if k != "gradient_accumulation_fusion"}
     teacher, info, _ = build_model(hf_dir, None, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
-                                   mcore=mcore)  # model.mcore: TransformerConfig fields (bridge/hf_config.py)
+                                   mcore=teacher_mcore)
     load_hf_weights(teacher, hf_dir, seed=seed)
     RouterReplay.clear_global_router_replay_instances()  # one student per process owns the list
     student_overrides = dict(
