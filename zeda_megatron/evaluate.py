@@ -354,13 +354,16 @@ def evaluate_model(student, teacher, *, seed: int = 0, n_chunks: int = 48, chunk
 
 # ---- Markdown --------------------------------------------------------------------------------------
 def table_md(rows: list[dict], first: str = "method") -> str:
-    head = f"| {first} | expert FLOPs removed (routed) | incl. shared | NLL | NLL vs teacher | KL(t‖s) | KL(s‖t) | arithmetic |"
-    lines = [head, "|" + "---|" * 8]
+    has_param = any("param" in r for r in rows)
+    head = f"| {first} |{' param |' if has_param else ''} expert FLOPs removed (routed) | incl. shared | NLL | " \
+           "NLL vs teacher | KL(t‖s) | KL(s‖t) | arithmetic |"
+    lines = [head, "|" + "---|" * (9 if has_param else 8)]
     for r in rows:
         name = r.get(first)
         name = f"{name:+.2f}" if isinstance(name, float) else str(name)
+        param = (" " + ("" if r.get("param") is None else f"{r['param']:g}") + " |") if has_param else ""
         lines.append(
-            f"| {name} | {pct(r.get('expert_flops_removed'))} | {pct(r.get('expert_flops_removed_incl_shared'))} | "
+            f"| {name} |{param} {pct(r.get('expert_flops_removed'))} | {pct(r.get('expert_flops_removed_incl_shared'))} | "
             f"{r['nll']:.4f} | {100 * (r['nll_ratio'] - 1):+.2f}% | {r['kl']:.4f} | "
             f"{r.get('kl_student_teacher', float('nan')):.4f} | {pct(r.get('arith_acc'))} |")
     return "\n".join(lines)
@@ -438,3 +441,62 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---- the quality-vs-FLOPs figure and the report sections the demo appends ----------------------------
+def plot_quality_vs_flops(summary: dict, path: str) -> str | None:
+    """KL(teacher || model), NLL and arithmetic against routed expert FLOPs removed: the dial curve
+    of the adapted model and every baseline row."""
+    dial, rows = summary.get("dial") or [], summary.get("baselines") or []
+    if not dial and not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("kl", "KL(teacher ‖ model), nats/token"), ("nll", "held-out NLL"), ("arith_acc", "arithmetic exact match")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    markers = "osD^v<>ph*"
+    for ax, (key, label) in zip(axes, panels):
+        if dial:
+            pts = sorted((r["expert_flops_removed"], r[key]) for r in dial if r.get(key) is not None)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", c="#1f4e79", lw=2, label="ZEDA + compute dial")
+            z = [r for r in dial if r["bias"] == 0.0]
+            if z and z[0].get(key) is not None:
+                ax.plot([z[0]["expert_flops_removed"]], [z[0][key]], "*", ms=14, c="#c00000", label="trained operating point")
+        for i, r in enumerate(rows):
+            if r.get(key) is None or r["method"] == "ZEDA stages 1+2":
+                continue
+            ax.plot([r["expert_flops_removed"]], [r[key]], markers[i % len(markers)], ms=7, label=r["method"])
+        if key == "nll" and summary.get("teacher_nll"):
+            ax.axhline(summary["teacher_nll"], ls="--", c="gray", lw=1)
+        if key == "arith_acc" and summary.get("teacher_arith_acc") is not None:
+            ax.axhline(summary["teacher_arith_acc"], ls="--", c="gray", lw=1)
+        ax.set_xlabel("routed expert FLOPs removed")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def report_sections(summary: dict, png: str | None = None) -> str:
+    """Markdown: the baseline table and the compute-dial table (+ the figure)."""
+    out = []
+    if summary.get("baselines"):
+        out += ["## Baselines at matched expert FLOPs", "",
+                "Each row is brought to the adapted model's routed null share on the held-out chunks "
+                "(training-free rows: their parameter bisected; trained null-expert rows: the compute dial). "
+                "`param`: k', p, tau or the dial bias.", "",
+                table_md(summary["baselines"]), ""]
+    if summary.get("dial"):
+        out += ["## Compute dial", "",
+                "A bias added to the null experts' router logits at inference (`zce_logit_bias` in the exported "
+                "config.json): > 0 removes more expert FLOPs, < 0 fewer; 0 is the trained model.", "",
+                table_md(summary["dial"], "bias"), ""]
+    if png:
+        out += [f"![quality vs expert FLOPs]({os.path.basename(png)})", ""]
+    return "\n".join(out)
