@@ -247,7 +247,10 @@ def gpu_memory_bytes(cfg, gpu_gb=None) -> int | None:
             return None
         import torch
 
-        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+        # this process's own GPU (LOCAL_RANK), so that the check, run before torch.cuda.set_device, never
+        # touches another rank's device
+        index = int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
+        return int(torch.cuda.get_device_properties(index).total_memory)
     return int(float(v) * GB)
 
 
