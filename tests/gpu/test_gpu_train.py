@@ -80,13 +80,12 @@ def test_distributed_optimizer_and_cpu_offload(tmp_path):
 
 
 def test_save_resume_matches_uninterrupted(tmp_path):
-    full = train(tmp_path / "full", "model=tiny_glm", "stage=sft", "trainer.max_steps=4")
     train(tmp_path / "part", "model=tiny_glm", "stage=sft", "trainer.max_steps=2", "trainer.save_interval=2",
           "optim.schedule=constant")
     part = train(tmp_path / "part", "model=tiny_glm", "stage=sft", "trainer.max_steps=4", "trainer.resume=auto",
                  "optim.schedule=constant")
     ref = train(tmp_path / "ref", "model=tiny_glm", "stage=sft", "trainer.max_steps=4", "optim.schedule=constant")
-    assert len(full) == 4 and [r["step"] for r in part][-2:] == [3, 4]
+    assert [r["step"] for r in part][-2:] == [3, 4] and len(ref) == 4
     for a, b in zip(ref[2:], part[-2:]):  # bf16 + atomics in the experts' scatter: close, not bitwise
         assert abs(a["loss"] - b["loss"]) <= 2e-2 * abs(a["loss"]) + 1e-3, (a["loss"], b["loss"])
 
