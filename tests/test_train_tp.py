@@ -59,6 +59,8 @@ def _run_layout(hf_dir, tp, ep):
                          sequence_parallel=tp > 1, bias_update=True)
     for step in range(3):
         out["stage1"].append(step_metrics(engine, [_rows(_global_batch(step), replica)]))
+        if step == 0:
+            out["grad_norms"] = _param_grad_norms(engine)
     del engine
     engine = make_engine(hf_dir, stage="opd", kl_weight=1.0, nll_weight=0.0, lr=1e-3, router_replay=True,
                          sequence_parallel=tp > 1)
@@ -71,6 +73,20 @@ def _run_layout(hf_dir, tp, ep):
         m["sampled"] = batches[0]["labels"].cpu()
         out["stage2"].append(m)
     return out
+
+
+def _param_grad_norms(engine) -> dict:
+    """Each student parameter's gradient norm after the step (TP-sharded ones over the TP group)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    norms = {}
+    for name, p in engine.student.named_parameters():
+        sq = p.main_grad.double().pow(2).sum()
+        if getattr(p, "tensor_model_parallel", False) and ps.get_tensor_model_parallel_world_size() > 1:
+            dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+        norms[name] = sq.sqrt().item()
+    return norms
 
 
 def _worker(rank, world, hf_dirs):
@@ -105,6 +121,18 @@ def test_stage1_tp_sp_equals_tp1(results, family, layout):
     # every rank reports the same global numbers
     for r in results[1:]:
         assert r[(family, layout)]["stage1"][0]["loss"] == got[0]["loss"]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "glm"])
+def test_per_parameter_gradients_tp2_sp_equal_tp1(results, family):
+    """Through the trainer (null experts, group loss, forward KL, padding), every parameter's gradient
+    norm at TP=2+SP (sharded ones gathered over TP) equals TP=1's."""
+    for r in results:
+        ref, got = r[(family, "tp1")]["grad_norms"], r[(family, "tp2")]["grad_norms"]
+        assert ref.keys() == got.keys() and len(ref) > 20
+        assert sum(v > 0 for v in ref.values()) > 20
+        for name in ref:
+            assert got[name] == pytest.approx(ref[name], rel=REL, abs=1e-8), (family, name, ref[name], got[name])
 
 
 @pytest.mark.parametrize("layout", ["tp2", "tp2ep2"])
