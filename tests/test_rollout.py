@@ -267,3 +267,26 @@ def test_choose_tokens_greedy_top_p():
     assert choose_tokens(logits, torch.tensor([0.99, 0.0]), 1.0, 0.7).tolist() == [1, 3]
     assert choose_tokens(logits, torch.tensor([0.99, 0.99]), 1.0, 1.0).tolist() == [3, 3]
     assert choose_tokens(logits, torch.tensor([0.6, 0.3]), 1.0, 1.0).tolist() == [1, 3]
+
+
+def test_bench_rollout_reduced():
+    """tools/bench_rollout.py end to end at a tiny size: the JSON line's keys, both modes' tokens equal."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run(
+        [sys.executable, "tools/bench_rollout.py", "--hidden", "64", "--layers", "2", "--experts", "4",
+         "--null-experts", "2", "--topk", "2", "--vocab", "512", "--batch", "2", "--prompt", "4",
+         "--new-tokens", "8", "--checkpoints", "4,8"],
+        cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {"cached_tokens_per_s", "recompute_tokens_per_s", "speedup", "peak_rss_bytes"} <= out.keys()
+    assert out["identical_tokens"] is True and set(out["speedup_at"]) == {"4", "8"}
+    assert out["speedup"] == out["speedup_at"]["8"] and out["peak_rss_bytes"] > 0
+    assert "| 8 |" in res.stdout

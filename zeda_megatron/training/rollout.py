@@ -237,7 +237,7 @@ def _all_done(local: bool) -> bool:
 
 
 def _generate(pipe: _Pipeline, prompts, routers, *, max_new_tokens, eos_id, pad_id, temperature, top_p,
-              generator, use_cache):
+              generator, use_cache, on_token=None):
     """One decode batch. Returns (seq [b, T], sampled [b, T] bool, logp [b, T], per-router records
     [fed, b, k], number of real positions fed, forwards)."""
     from megatron.core.inference.contexts import StaticInferenceContext
@@ -292,6 +292,8 @@ def _generate(pipe: _Pipeline, prompts, routers, *, max_new_tokens, eos_id, pad_
             done |= new & ((nxt == eos_id) | (gen >= max_new_tokens))
             t += 1
             local_done = bool(done.all()) or t >= total
+            if on_token is not None:
+                on_token(t - start)
         if _all_done(local_done):
             break
         if local_done:  # keep stepping with the others: a one-token dummy, no cache, nothing kept
@@ -337,7 +339,7 @@ def _training_order(rec: torch.Tensor, router, length: int, sp: bool) -> torch.T
 @torch.no_grad()
 def sample(model, prompt_batches, *, max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0,
            top_p: float = 1.0, generator: torch.Generator | None = None, tp_multiple: int | None = None,
-           record_routing: bool | None = None, use_cache: bool = True) -> Rollout:
+           record_routing: bool | None = None, use_cache: bool = True, on_token=None) -> Rollout:
     """Sample a response to every prompt with the model as it is laid out for training.
 
     model: the student (GPTModel, or DDP/Float16Module/any wrapper with ``.module``) on this rank.
@@ -352,6 +354,8 @@ def sample(model, prompt_batches, *, max_new_tokens: int, eos_id: int, pad_id: i
     record_routing: record each MoE layer's routing for router replay (default: when the routers
         have megatron-core's RouterReplay, i.e. ``moe_enable_routing_replay``).
     use_cache: False recomputes the whole prefix for every token (reference / benchmark baseline).
+    on_token: optional callback, called with the number of positions decoded so far in the current
+        micro-batch after each decode step (progress, benchmarks).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.router_replay import RouterReplayAction
@@ -386,7 +390,7 @@ def sample(model, prompt_batches, *, max_new_tokens: int, eos_id: int, pad_id: i
             for prompts in prompt_batches:
                 results.append(_generate(pipe, prompts, routers, max_new_tokens=max_new_tokens, eos_id=eos_id,
                                          pad_id=pad_id, temperature=temperature, top_p=top_p,
-                                         generator=generator, use_cache=use_cache))
+                                         generator=generator, use_cache=use_cache, on_token=on_token))
         finally:
             if not pipe.first:
                 gpt.set_input_tensor(None)

@@ -1,0 +1,221 @@
+"""Generation: ``python -m zeda_megatron.generate model.hf_dir=TEACHER data.prompts=P.jsonl output=OUT.jsonl``.
+
+Runs the teacher (the original HF model, through the bridge) or any megatron checkpoint
+(``checkpoint=...``: a tools/convert_hf.py output or a training save_dir) with the KV-cached sampler
+of stage 2 (:func:`zeda_megatron.training.rollout.sample`) under the training layout: ``parallel``
+(TP / EP / PP) as in training; the remaining ranks are data parallel and each takes its share of
+every global batch (``batch_size`` prompts per DP rank); rank 0 writes the answers in prompt order.
+bf16 on GPU (``precision``), fp32 on CPU. Prompts are encoded with the same template function as
+training and evaluation (:mod:`zeda_megatron.training.templates`, ``chat_template``).
+
+Resumable: each global batch's lines are appended with one write and fsync'ed; a restart reads the
+output, drops a torn last line if the kill hit mid-write, checks that its lines are the answers to
+the first prompts, and continues with the next prompt (no line lost or duplicated).
+Greedy (``temperature=0``) or sampled (seeded per global batch: a resumed run samples what the
+uninterrupted run would have).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("zeda_megatron.generate")
+
+
+# ---- the output file ----------------------------------------------------------------------------------
+def completed_lines(path: str, prompts: list[str]) -> int:
+    """Number of prompts already answered in ``path`` (rank 0; before any new write). A torn last
+    line (no newline: killed mid-write) is cut off; every complete line must answer the prompt of
+    the same index."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    lines = data[:end].decode("utf-8").splitlines()
+    for i, line in enumerate(lines):
+        try:
+            prompt = json.loads(line)["prompt"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path}: line {i + 1} is not a {{'prompt', 'response'}} JSON object; "
+                             "not an output of this command (use another output path)") from None
+        if i >= len(prompts) or prompt != prompts[i]:
+            raise ValueError(f"{path}: line {i + 1} answers another prompt than line {i + 1} of the prompts "
+                             "file: it belongs to other prompts (use another output path)")
+    return len(lines)
+
+
+def append_lines(path: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    with open(path, "ab") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---- model ---------------------------------------------------------------------------------------------
+def _dtype(precision: str):
+    from zeda_megatron.platform import on_cpu
+
+    if precision == "fp32" or (precision == "auto" and on_cpu()):
+        return torch.float32
+    if precision in ("bf16", "auto"):
+        return torch.bfloat16
+    raise ValueError(f"precision={precision!r}: auto | bf16 | fp32")
+
+
+def build_generator_model(hf_dir: str | None, checkpoint: str | None, dtype):
+    """This rank's GPTModel: the HF model at ``hf_dir`` (no null experts: the teacher) or the megatron
+    ``checkpoint`` (its own null-expert settings), in ``dtype``, eval mode."""
+    from zeda_megatron.bridge.builders import build_model
+
+    if checkpoint:
+        from megatron.core import dist_checkpointing
+
+        from zeda_megatron.bridge import checkpoint as ckpt
+        from zeda_megatron.bridge.hf_config import model_info
+        from zeda_megatron.mcore.config import NullExpertSettings
+
+        meta = ckpt.read_meta(checkpoint)
+        null = NullExpertSettings(int(meta["num_null_experts"]), float(meta["null_weight"]),
+                                  bool(meta["mask_null_experts"]))
+        model, _, _ = build_model(model_info(meta["hf_config"]), null, params_dtype=dtype)
+        mdir = os.path.join(checkpoint, ckpt.MCORE)
+        if os.path.isdir(mdir):
+            state = dist_checkpointing.load(model.sharded_state_dict(), mdir)
+        else:  # a training run's save_dir
+            from zeda_megatron.training.checkpoint import latest
+
+            path = latest(checkpoint)
+            if path is None:
+                raise FileNotFoundError(f"checkpoint={checkpoint!r} has neither mcore/ nor a 'latest' marker")
+            state = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"]
+        model.load_state_dict(state, strict=True)
+    else:
+        from zeda_megatron.bridge.import_hf import load_hf_weights
+
+        if not hf_dir:
+            raise ValueError("set model.hf_dir (the teacher's HF directory) or checkpoint=<megatron checkpoint>")
+        model, _, _ = build_model(str(hf_dir), None, params_dtype=dtype)
+        load_hf_weights(model, str(hf_dir))
+    return model.eval()
+
+
+def _tokenizer(cfg):
+    from zeda_megatron.training.tokenizers import load_tokenizer
+
+    if cfg.checkpoint and not cfg.model.hf_dir:
+        from zeda_megatron.bridge.checkpoint import assets_dir, read_meta
+
+        assets = assets_dir(str(cfg.checkpoint)) or read_meta(str(cfg.checkpoint)).get("hf_dir")
+        if not assets:
+            raise ValueError(f"checkpoint={cfg.checkpoint!r} carries no tokenizer files: set model.hf_dir")
+        return load_tokenizer({"hf_dir": assets})
+    return load_tokenizer(cfg.model)
+
+
+# ---- the job -------------------------------------------------------------------------------------------
+def run(cfg) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from zeda_megatron.distributed import comm_device, destroy_parallel, init_parallel
+    from zeda_megatron.training.jsonl import read_jsonl
+    from zeda_megatron.training.rollout import sample
+    from zeda_megatron.training.templates import encode_prompts
+
+    rows, _ = read_jsonl(str(cfg.data.prompts), "auto", need="prompt")  # errors name file, line, key
+    prompts = [r["prompt"] for r in rows]
+    if cfg.limit:
+        prompts = prompts[: int(cfg.limit)]
+    tok = _tokenizer(cfg)
+    out = str(cfg.output)
+    par = cfg.parallel
+    init_parallel(tp=int(par.tp), pp=int(par.pp), ep=int(par.ep), etp=par.get("etp"), seed=int(cfg.seed))
+    rank0 = dist.get_rank() == 0
+    done = torch.zeros(1, dtype=torch.long)
+    if rank0:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        done[0] = completed_lines(out, prompts)
+    done = done.to(comm_device())
+    dist.broadcast(done, src=0)
+    start = int(done.item())
+    if rank0:
+        print(f"[generate] {len(prompts)} prompts, {start} already in {out}, {len(prompts) - start} to go",
+              flush=True)
+    if start >= len(prompts):
+        destroy_parallel()
+        return {"written": 0, "total": len(prompts)}
+    model = build_generator_model(cfg.model.hf_dir, cfg.checkpoint, _dtype(str(cfg.precision)))
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    bs = int(cfg.batch_size)
+    per_step = bs * dp
+    temperature, top_p = float(cfg.temperature), float(cfg.top_p)
+    chat = bool(cfg.chat_template)
+    written, t0 = 0, time.time()
+    for first in range(start, len(prompts), per_step):
+        chunk = prompts[first: first + per_step]
+        mine = chunk[dp_rank * bs: (dp_rank + 1) * bs]
+        ids = encode_prompts(tok, mine, chat) if mine else [[tok.bos_id if tok.bos_id is not None else tok.eos_id]]
+        # seeded by the first prompt's index: a resumed run samples what an uninterrupted one would
+        gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + first * 7919 + dp_rank)
+        r = sample(model, [ids], max_new_tokens=int(cfg.max_new_tokens), eos_id=tok.eos_id, pad_id=tok.pad_id,
+                   temperature=temperature, top_p=top_p, generator=gen, record_routing=False, tp_multiple=1)
+        answers = [[x for x in resp if x != tok.eos_id] for resp in r.responses[0]][: len(mine)]
+        gathered = [None] * dist.get_world_size() if rank0 else None
+        dist.gather_object((dp_rank, answers), gathered, dst=0)
+        if rank0:
+            by_dp = {}
+            for d_rank, a in gathered:
+                by_dp.setdefault(d_rank, a)
+            responses = [x for d_rank in range(dp) for x in by_dp[d_rank]]
+            assert len(responses) == len(chunk)
+            append_lines(out, [{"prompt": p, "response": tok.decode(a)} for p, a in zip(chunk, responses)])
+            written += len(chunk)
+            rate = written / max(time.time() - t0, 1e-9)
+            print(f"[generate] {first + len(chunk)}/{len(prompts)} ({rate:.2f} prompts/s)", flush=True)
+    destroy_parallel()
+    return {"written": written, "total": len(prompts)}
+
+
+def _hydra_argv(argv: list[str]) -> list[str]:
+    """Ranks other than 0 compose the same config but create no output folder of their own."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return argv
+    return argv + ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+                   "hydra.run.dir=."]
+
+
+def main() -> None:
+    import hydra
+
+    sys.argv = _hydra_argv(sys.argv)
+
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+    @hydra.main(config_path=conf, config_name="generate", version_base=None)  # absolute: also when imported
+    def _main(cfg):
+        try:
+            run(cfg)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
