@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -110,15 +111,19 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
              f"--log-file={self._path('munge', 'munged.log')}", f"--seed-file={self._path('munge', 'munged.seed')}"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out))
         for _ in range(100):
-            if os.path.exists(sock):
+            if os.path.exists(sock) or self.procs[0].poll() is not None:
                 break
             time.sleep(0.1)
+        if not os.path.exists(sock):
+            raise RuntimeError("munged did not start:\n" + self.logs())
         self.procs.append(subprocess.Popen(["slurmctld", "-D", "-i"], env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=out))
         self.procs.append(subprocess.Popen(["slurmd", "-D"], env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=out))
         for _ in range(300):
             r = subprocess.run(["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True, text=True)
-            if r.stdout.strip() == "idle":
+            if r.returncode == 0 and r.stdout.strip() == "idle":
                 return
+            if any(p.poll() is not None for p in self.procs):
+                break
             time.sleep(0.1)
         raise RuntimeError("slurm did not come up:\n" + self.logs())
 
@@ -144,7 +149,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self.procs.clear()
 
     def run(self, *cmd, check=True) -> str:
-        r = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True)
+        r = subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=120)
         if check and r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)}: {r.stderr}")
         return r.stdout
@@ -165,14 +170,17 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
+def slurm():
     _ensure_installed()
-    cluster = LocalSlurm(str(tmp_path_factory.mktemp("slurm")))
+    # munged wants every folder above its socket world-executable: pytest's tmp folders are 0700
+    root = tempfile.mkdtemp(prefix="zeda-slurm-", dir="/tmp")
+    cluster = LocalSlurm(root)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ---- inputs -----------------------------------------------------------------------------------------------
