@@ -351,7 +351,12 @@ def prepared_prefix(path: str, tokenizer, fmt: str = "auto", chat_template: bool
     need = "prompt" if stage == "opd" else "train"
     resolved, _ = iter_jsonl(path, fmt, need)
     prefix = default_prefix(path, tokenizer, resolved, chat_template, cache_dir)
-    prepare(path, tokenizer, prefix, resolved, chat_template, need=need)
+    try:
+        prepare(path, tokenizer, prefix, resolved, chat_template, need=need)
+    except OSError as e:
+        raise ValueError(f"could not prepare {path} into {prefix} ({e}); set data.cache_dir to a writable folder "
+                         "or run python -m zeda_megatron.prepare_data ... out=PREFIX and train with data.path=PREFIX"
+                         ) from e
     return prefix
 
 
