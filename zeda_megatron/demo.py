@@ -9,7 +9,10 @@
 3. stage 1 (off-policy) and 4. stage 2 (on-policy), each `torchrun --nproc_per_node 2` with expert
    parallelism 2: the null experts are injected at import (Z = E/2, group loss target 50%);
 5. export to a Hugging Face directory (PlusPlus architecture, trust_remote_code);
-6. evaluation of teacher vs adapted model and a report (Markdown + PNGs) in runs/demo/report/.
+6. evaluation of teacher vs adapted model (zeda_megatron/evaluate.py: null share, expert FLOPs, NLL, KL,
+   arithmetic on 500 held-out problems, the compute-dial sweep) and the baselines at matched expert FLOPs
+   (zeda_megatron/baselines.py; a no-teacher null-expert model is trained for it): a report (Markdown +
+   PNGs), summary.json and baselines.json in runs/demo/report/.
 
 Every step reuses what a previous run left (a finished stage is skipped, an interrupted one resumes),
 so re-running is fast; deleting .cache/ rebuilds the teacher.
@@ -40,6 +43,16 @@ def parse(argv=None):
     p.add_argument("--prompts", type=int, default=512, help="distillation prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-chunks", type=int, default=48)
+    p.add_argument("--arith-problems", type=int, default=500, help="held-out arithmetic problems")
+    p.add_argument("--stage1-data", choices=("generate", "text", "mix"), default="generate",
+                   help="stage-1 rows: the teacher's greedy responses to the prompts (generate), held-in "
+                        "training text, code and arithmetic, scored by the teacher (text), or both (mix)")
+    p.add_argument("--baselines", choices=("on", "off"), default="on",
+                   help="baseline table at matched expert FLOPs (trains a no-teacher null-expert model)")
+    p.add_argument("--no-teacher-steps", type=int, default=None,
+                   help="steps of the no-teacher (plain NLL) baseline (default: --sft-steps + --opd-steps)")
+    p.add_argument("--dial", nargs="*", type=float, default=[-4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0],
+                   help="compute-dial biases swept at evaluation")
     p.add_argument("--extra", nargs="*", default=[], help="Hydra overrides for both stages")
     return p.parse_args(argv)
 
@@ -93,6 +106,33 @@ def _train(args, stage: str, run_dir: str, overrides: list[str]) -> None:
         raise SystemExit(f"[demo] {stage} failed (full log: {log}):\n{tail}")
 
 
+def _stage1_data(args, path: str, teacher_dir: str, ddir: str) -> None:
+    from zeda_megatron.embedded import corpus
+
+    if args.stage1_data == "generate":
+        corpus.write_stage1_data(path, teacher_dir=teacher_dir, n=args.prompts, seed=args.seed)
+        return
+    text = os.path.join(ddir, "stage1_text.jsonl")
+    corpus.write_stage1_data(text, n=args.prompts, seed=args.seed + 7, mode="text")
+    rows = [{"prompt": "", "response": json.loads(line)["text"]} for line in open(text) if line.strip()]
+    if args.stage1_data == "mix":  # the teacher's responses too (one prompt/response file)
+        corpus.write_stage1_data(path, teacher_dir=teacher_dir, n=args.prompts, seed=args.seed)
+        rows += [json.loads(line) for line in open(path) if line.strip()]
+        import random
+
+        random.Random(args.seed).shuffle(rows)
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def _export(ckpt: str, hf_dir: str) -> None:
+    proc = subprocess.run([sys.executable, "tools/export_hf.py", "--checkpoint", ckpt, "--out", hf_dir],
+                          cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"[demo] export of {ckpt} failed:\n{proc.stderr[-3000:]}")
+
+
 def _free_port() -> int:
     from zeda_megatron.distributed import free_port
 
@@ -100,7 +140,8 @@ def _free_port() -> int:
 
 
 def run(args) -> dict:
-    from zeda_megatron.embedded import corpus, evaluate, report, teacher
+    from zeda_megatron import baselines, evaluate
+    from zeda_megatron.embedded import corpus, report, teacher
 
     t_start = time.time()
     out = os.path.abspath(os.path.join(ROOT, args.out))
@@ -111,19 +152,21 @@ def run(args) -> dict:
     # 1. the teacher (cached)
     tdir = os.path.join(cache, f"teacher_{args.family}_{args.preset}_s{args.seed}")
     say(f"1/6 teacher: {tdir}")
-    info = teacher.build_teacher(tdir, family=args.family, preset=args.preset, seed=args.seed)
+    # OMP_NUM_THREADS, when set, also caps the teacher build (2 spinning threads on a loaded machine crawl)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or None
+    info = teacher.build_teacher(tdir, family=args.family, preset=args.preset, seed=args.seed, threads=threads)
     say(f"    {'reused (cached)' if info.get('cached') else 'trained'}: held-out NLL {info.get('heldout_nll', float('nan')):.3f} "
         f"(random model {info.get('random_nll', float('nan')):.3f}, unigram {info.get('unigram_nll', float('nan')):.3f})")
 
     # 2. distillation data from the teacher
     ddir = os.path.join(out, "data")
     os.makedirs(ddir, exist_ok=True)
-    data_key = _fingerprint([info.get("hash"), args.prompts, args.seed, "v1"])
+    data_key = _fingerprint([info.get("hash"), args.prompts, args.seed, args.stage1_data, "v2"])
     prompts, sft = os.path.join(ddir, "prompts.jsonl"), os.path.join(ddir, "sft.jsonl")
     say("2/6 data: teacher-generated responses for stage 1, prompts for stage 2")
     if not _done(os.path.join(ddir, "done.json"), data_key):
         corpus.write_prompts(prompts, n=args.prompts, seed=args.seed + 1)
-        corpus.write_stage1_data(sft, teacher_dir=tdir, n=args.prompts, seed=args.seed)
+        _stage1_data(args, sft, tdir, ddir)
         _mark(os.path.join(ddir, "done.json"), data_key)
     else:
         say("    reused")
@@ -148,30 +191,68 @@ def run(args) -> dict:
             continue
         _train(args, stage, run_dir, common + extra + [f"trainer.max_steps={steps}"])
 
+    # the no-teacher baseline: null experts trained with plain NLL + the group loss on training text
+    nt_dir = os.path.join(out, "baseline_no_teacher")
+    if args.baselines == "on":
+        nt_steps = args.no_teacher_steps or (args.sft_steps + args.opd_steps)
+        text = os.path.join(ddir, "text.jsonl")
+        if not os.path.isfile(text):
+            corpus.write_stage1_data(text, n=max(args.prompts, 256), seed=args.seed, mode="text")
+        say(f"   baseline: null experts trained without a teacher (plain NLL), {nt_steps} steps: {nt_dir}")
+        if not _stage_finished(nt_dir, nt_steps):
+            _train(args, "sft", nt_dir, common + [f"data.path={text}", "stage.kl_weight=0.0", "stage.nll_weight=1.0",
+                                                  "optim.lr=3e-4", "trainer.global_batch_size=16",
+                                                  f"trainer.max_steps={nt_steps}"])
+        else:
+            say("    reused (finished)")
+
     # 5. export
     hf_dir = os.path.join(out, "hf")
     say(f"5/6 export: {hf_dir}")
     ckpt_marker = os.path.join(opd_dir, "checkpoints", "latest")
     export_key = _fingerprint([open(ckpt_marker).read() if os.path.isfile(ckpt_marker) else None, opd_dir])
     if not _done(os.path.join(hf_dir, "export.json"), export_key):
-        proc = subprocess.run([sys.executable, "tools/export_hf.py", "--checkpoint", os.path.join(opd_dir, "checkpoints"),
-                               "--out", hf_dir], cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"[demo] export failed:\n{proc.stderr[-3000:]}")
+        _export(os.path.join(opd_dir, "checkpoints"), hf_dir)
         _mark(os.path.join(hf_dir, "export.json"), export_key)
     else:
         say("    reused")
+    trained = {}
+    if args.baselines == "on":  # stage 1 alone and the no-teacher model, for the baseline table
+        for name, run_dir in (("ZEDA stage 1 only", sft_dir), ("null experts, no teacher (NLL)", nt_dir)):
+            d = os.path.join(out, "hf_" + os.path.basename(run_dir))
+            marker = os.path.join(run_dir, "checkpoints", "latest")
+            key = _fingerprint([open(marker).read() if os.path.isfile(marker) else None, run_dir])
+            if not _done(os.path.join(d, "export.json"), key):
+                _export(os.path.join(run_dir, "checkpoints"), d)
+                _mark(os.path.join(d, "export.json"), key)
+            trained[name] = d
 
     # 6. evaluation and report
     rdir = os.path.join(out, "report")
     say(f"6/6 evaluation and report: {rdir}")
-    eval_key = _fingerprint([export_key, args.seed, args.eval_chunks])
+    eval_key = _fingerprint([export_key, args.seed, args.eval_chunks, args.arith_problems, args.dial, sorted(trained),
+                             args.baselines, "v2"])
     if _done(os.path.join(rdir, "done.json"), eval_key):
         with open(os.path.join(rdir, "summary.json")) as f:
             summary = json.load(f)
         say(f"    reused. Report: {os.path.join(rdir, 'report.md')}")
         return summary
-    summary = evaluate.evaluate(tdir, hf_dir, out_dir=rdir, seed=args.seed, n_chunks=args.eval_chunks)
+    os.makedirs(rdir, exist_ok=True)
+    t_model, t_tok = evaluate.load(tdir)
+    data = evaluate.eval_data(t_tok, args.seed, args.eval_chunks, n_arith=args.arith_problems)
+    ref = evaluate.teacher_reference(t_model, t_tok, data)
+    student = evaluate.load(hf_dir)
+    summary = evaluate.evaluate_model(student, (t_model, t_tok), dial=args.dial, data=data, ref=ref,
+                                      log=lambda m: say("    " + m))
+    summary["teacher_dir"], summary["student_dir"] = tdir, hf_dir
+    if args.baselines == "on":
+        say("    baselines at matched expert FLOPs")
+        rows = baselines.baseline_table(tdir, student, trained=trained, data=data, ref=ref,
+                                        teacher_model=(t_model, t_tok), work_dir=rdir, log=lambda m: say("    " + m))
+        summary["baselines"] = rows
+        summary["zeda_ahead_of_training_free"] = baselines.zeda_ahead(rows)
+        with open(os.path.join(rdir, "baselines.json"), "w") as f:
+            json.dump(rows, f, indent=1)
     summary["teacher"] = {k: info.get(k) for k in ("heldout_nll", "random_nll", "unigram_nll", "train_seconds")}
     for stage, run_dir in (("sft", sft_dir), ("opd", opd_dir)):
         with open(os.path.join(run_dir, "summary.json")) as f:
@@ -181,6 +262,9 @@ def run(args) -> dict:
         json.dump(summary, f, indent=1)
     md = report.write_report(summary, {"stage 1 (sft)": os.path.join(sft_dir, "metrics.jsonl"),
                                        "stage 2 (opd)": os.path.join(opd_dir, "metrics.jsonl")}, rdir)
+    png = evaluate.plot_quality_vs_flops(summary, os.path.join(rdir, "quality_vs_flops.png"))
+    with open(md, "a") as f:
+        f.write("\n" + evaluate.report_sections(summary, png))
     say(f"expert FLOPs removed: {summary['expert_flops_removed']:.1%} of routed expert slots "
         f"({summary['expert_flops_removed_incl_shared']:.1%} counting the shared expert)")
     say(f"held-out NLL: teacher {summary['teacher_nll']:.3f}, adapted {summary['student_nll']:.3f} "
