@@ -241,7 +241,7 @@ def test_synthetic_dataset_and_build_dataset(tmp_path):
     assert all(s["loss_mask"].sum() == 0 and s["prompt_length"] <= 64 - 32 for s in opd.samples)
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x", "response": "y"}] * 3)
     assert isinstance(D.build_dataset(compose("stage=opd", f"data.path={path}"), tok), D.PromptDataset)
-    assert isinstance(D.build_dataset(compose(f"data.path={path}"), tok), D.JsonlDataset)
+    assert isinstance(D.build_dataset(compose(f"data.path={path}"), tok), D.PreparedDataset)  # JSONL prepared once
 
 
 # ---- deterministic resumable batches --------------------------------------------------------------------
