@@ -113,23 +113,23 @@ def child(args) -> None:
     def run(sl=slice(None)):
         h = hs[:, sl].detach().requires_grad_(True)
         w = ws.detach().requires_grad_(True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if args.variant == "chunked":
             loss, per_token = _chunked(h, w, ht[:, sl], wt, labels[:, sl], mask[:, sl], args.loss,
                                        args.temperature, args.chunk)
         else:
             loss, per_token = _unchunked(h, w, ht[:, sl], wt, labels[:, sl], mask[:, sl], args.loss,
                                          args.temperature)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         fwd_peak = _status("VmHWM")
         loss.backward()
-        t2 = time.perf_counter()
-        return loss.detach(), per_token, h.grad, w.grad, t1 - t0, t2 - t1, fwd_peak
+        t2, c2 = time.perf_counter(), time.process_time()
+        return loss.detach(), per_token, h.grad, w.grad, (t1 - t0, t2 - t1, c1 - c0, c2 - c1), fwd_peak
 
     run(slice(0, min(args.seq, 64)))  # warm up the kernels (its memory goes back to the OS)
     base = _status("VmRSS")
     exact_peak = _reset_peak()
-    loss, per_token, gh, gw, t_fwd, t_bwd, fwd_hwm = run()
+    loss, per_token, gh, gw, (t_fwd, t_bwd, cpu_fwd, cpu_bwd), fwd_hwm = run()
     peak = _status("VmHWM")
     if not exact_peak:  # no clear_refs: ru_maxrss covers the whole process (an upper bound)
         import resource
@@ -137,7 +137,7 @@ def child(args) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     torch.save({"loss": loss, "per_token": per_token, "grad_h": gh, "grad_w": gw}, args.out)
     print(json.dumps({"peak_bytes": peak - base, "fwd_peak_bytes": fwd_hwm - base, "fwd_s": t_fwd,
-                      "bwd_s": t_bwd, "baseline_rss_bytes": base, "exact_peak": exact_peak}))
+                      "bwd_s": t_bwd, "fwd_cpu_s": cpu_fwd, "bwd_cpu_s": cpu_bwd, "baseline_rss_bytes": base, "exact_peak": exact_peak}))
 
 
 def _run_child(variant, args, out):
@@ -201,10 +201,11 @@ def main(argv=None) -> dict:
     mib = lambda x: x / 2**20  # noqa: E731
     print(f"b={args.batch} s={args.seq} h={args.hidden} V/TP={args.vocab} loss={args.loss} T={args.temperature} "
           f"chunk={args.chunk} fp32 threads={args.threads}")
-    print(f"{'variant':<11} {'peak fwd MiB':>13} {'peak fwd+bwd MiB':>17} {'fwd s':>8} {'bwd s':>8}")
+    print(f"{'variant':<11} {'peak fwd MiB':>13} {'peak fwd+bwd MiB':>17} {'fwd s':>8} {'bwd s':>8} "
+          f"{'fwd cpu s':>10} {'bwd cpu s':>10}")
     for name, r in (("unchunked", u), ("chunked", c)):
         print(f"{name:<11} {mib(r['fwd_peak_bytes']):>13.1f} {mib(r['peak_bytes']):>17.1f} "
-              f"{r['fwd_s']:>8.2f} {r['bwd_s']:>8.2f}")
+              f"{r['fwd_s']:>8.2f} {r['bwd_s']:>8.2f} {r['fwd_cpu_s']:>10.2f} {r['bwd_cpu_s']:>10.2f}")
     ratio = c["peak_bytes"] / u["peak_bytes"]
     print(f"chunked/unchunked peak: {ratio:.3f}; max rel diff of values {max_rel_diff:.2e}; "
           f"max grad diff (relative to the largest entry) {max_grad_diff:.2e}")
@@ -213,6 +214,7 @@ def main(argv=None) -> dict:
         "max_rel_diff": max_rel_diff, "max_grad_diff": max_grad_diff,
         "chunked_fwd_s": c["fwd_s"], "chunked_bwd_s": c["bwd_s"],
         "unchunked_fwd_s": u["fwd_s"], "unchunked_bwd_s": u["bwd_s"],
+        "chunked_cpu_s": c["fwd_cpu_s"] + c["bwd_cpu_s"], "unchunked_cpu_s": u["fwd_cpu_s"] + u["bwd_cpu_s"],
         "batch": args.batch, "seq": args.seq, "hidden": args.hidden, "vocab_per_tp": args.vocab,
         "chunk": args.chunk, "loss": args.loss, "exact_peak": bool(c["exact_peak"] and u["exact_peak"]),
     }
