@@ -254,15 +254,16 @@ def _generate(pipe: _Pipeline, prompts, routers, *, max_new_tokens, eos_id, pad_
     logp = torch.zeros(b, total, dtype=torch.float32)
     gen = torch.zeros(b, dtype=torch.long)
     done = torch.zeros(b, dtype=torch.bool)
-    records = [[] for _ in routers]
+    records = [_Records() for _ in routers]
     ctx = StaticInferenceContext(b, total) if use_cache else None
     dev = pipe.device
     seq_dev = seq.to(dev)
 
-    def record():
+    def record(last_only=False):
         for rec, r in zip(records, routers):
             idx = r.router_replay.get_recorded_indices()
-            rec.append(idx.view(-1, b, idx.shape[-1]).to("cpu", copy=True))
+            idx = idx.view(-1, b, idx.shape[-1])
+            rec.add(idx[-1:] if last_only else idx)
 
     logits = pipe.forward(seq_dev[:, :start], 0, ctx)
     if ctx is not None:
@@ -305,11 +306,33 @@ def _generate(pipe: _Pipeline, prompts, routers, *, max_new_tokens, eos_id, pad_
         else:  # prefix recompute (reference and benchmark baseline)
             logits = pipe.forward(seq_dev[:, :t], 0, None)
             if routers:
-                for rec, r in zip(records, routers):  # keep the newest position only
-                    idx = r.router_replay.get_recorded_indices()
-                    rec.append(idx.view(-1, b, idx.shape[-1])[-1:].to("cpu", copy=True))
+                record(last_only=True)  # the newest position; the others were recorded before
         forwards += 1
-    return seq[:, :t], sampled[:, :t], logp[:, :t], records, forwards
+    return seq[:, :t], sampled[:, :t], logp[:, :t], [rec.result() for rec in records], forwards
+
+
+class _Records:
+    """Top-k indices per position, kept on the device as int32 and moved to the host in blocks
+    (no device sync per decode step)."""
+
+    BLOCK = 512
+
+    def __init__(self):
+        self.device, self.host = [], []
+
+    def add(self, idx: torch.Tensor) -> None:
+        self.device.append(idx.to(torch.int32))
+        if len(self.device) >= self.BLOCK:
+            self._flush()
+
+    def _flush(self):
+        if self.device:
+            self.host.append(torch.cat(self.device, 0).cpu())
+            self.device = []
+
+    def result(self) -> torch.Tensor:
+        self._flush()
+        return torch.cat(self.host, 0).long()
 
 
 def _replay_fill(router, k: int) -> torch.Tensor:
@@ -423,7 +446,7 @@ def sample(model, prompt_batches, *, max_new_tokens: int, eos_id: int, pad_id: i
         responses.append([full[i, 1:][smask[i, 1:]].tolist() for i in range(b)])
         lengths.append(plen.tolist())
         if routers:
-            replay.append([_training_order(torch.cat(rec, 0)[: L - 1], r, S, sp_training)
+            replay.append([_training_order(rec[: L - 1], r, S, sp_training)
                            for rec, r in zip(records, routers)])
     return Rollout(batches, replay, logprobs, responses, forwards, lengths)
 
