@@ -56,13 +56,15 @@ class NullExpertMoELayer(MoELayer):
         only; a later stage may get the whole [b, s] mask for its [s/TP, b, h] hidden states, so it
         is cut to this TP rank's slice here."""
         if padding_mask is not None:
-            padding_mask = self._local_padding_mask(padding_mask, hidden_states.shape[0])
+            padding_mask = self.local_padding_mask(padding_mask, hidden_states.shape[0])
         if isinstance(self.token_dispatcher, NullAwareAlltoAllDispatcher):
             # pads are never dispatched, so rows may be fewer than T*K even without null experts
             self.token_dispatcher.dynamic_rows = self.null.num_null_experts > 0 or padding_mask is not None
         return super().forward(hidden_states, intermediate_tensors, padding_mask=padding_mask)
 
-    def _local_padding_mask(self, padding_mask, seq_local: int):
+    def local_padding_mask(self, padding_mask, seq_local: int):
+        """This TP rank's [b, seq_local] slice of a [b, s] padding mask (or the mask itself when it
+        already matches ``seq_local``)."""
         if padding_mask.shape[1] == seq_local:
             return padding_mask
         tp = self.attn_tp_group
