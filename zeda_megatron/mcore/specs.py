@@ -131,7 +131,9 @@ def moe_layers(model):
 
 
 def routing_stats(model, reset: bool = False) -> dict:
-    """Per-layer and overall counters of a model's null-expert MoE layers (this rank's tokens).
+    """Per-layer and overall counters of a model's null-expert MoE layers: THIS rank's non-pad
+    tokens, not reduced (under sequence parallelism each TP rank routes its own s/TP slice; with
+    TP > 1 and SP off only TP rank 0 counts). Sum them over all ranks to count each token once.
 
     Returns {"layers": {layer_number: stats}, "null_share": overall, "real_assignments": ...,
     "rows_sent": ..., "tokens": ...}."""
