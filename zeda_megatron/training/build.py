@@ -42,6 +42,24 @@ class Engine:
     def teacher(self):
         return self.wrapper.teacher
 
+    # The engine-specific operations of a step (engine=deepspeed overrides them:
+    # zeda_megatron/training/ds_engine.py); the backward runs in megatron-core's schedule.
+    kind = "megatron"
+
+    def start_step(self, microbatches: list) -> None:
+        """Before the forward/backward: zero the gradients (DDP buffers and optimizer)."""
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def finish_step(self):
+        """After the backward: optimizer step (clipping included), LR schedule; (ok, grad_norm)."""
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return ok, grad_norm
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
 
 def resolve_distributed_optimizer(optim: dict) -> bool:
     """optim.use_distributed_optimizer: ``auto`` turns it on off the CPU (megatron-core's distributed

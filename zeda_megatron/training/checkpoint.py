@@ -42,10 +42,15 @@ def save(engine, step: int, save_dir: str, extra: dict | None = None) -> str:
         os.makedirs(path, exist_ok=True)
     # model description + tokenizer files, so tools/export_hf.py --checkpoint SAVE_DIR works
     write_meta(engine.student, save_dir, hf_dir=(extra or {}).get("hf_dir"), seed=(extra or {}).get("seed"))
-    dist_checkpointing.save(_sharded_state(engine, is_loading=False), path)
+    if getattr(engine, "save_state", None) is not None:  # engine=deepspeed: DeepSpeed's own format
+        _barrier()
+        engine.save_state(path)
+    else:
+        dist_checkpointing.save(_sharded_state(engine, is_loading=False), path)
     _barrier()
     if _rank0():
-        meta = {"step": step, "scheduler": engine.scheduler.state_dict(), **(extra or {})}
+        meta = {"step": step, "scheduler": engine.scheduler.state_dict(), "engine": getattr(engine, "kind", "megatron"),
+                **(extra or {})}
         with open(os.path.join(path, "zeda_train.json"), "w") as f:
             json.dump(meta, f, indent=1, default=str)
         tmp = os.path.join(save_dir, LATEST + ".tmp")
@@ -73,9 +78,16 @@ def load(engine, path: str) -> dict:
         raise FileNotFoundError(f"{path!r} is not a training checkpoint (no zeda_train.json); check trainer.resume")
     with open(meta_path) as f:
         meta = json.load(f)
-    state = dist_checkpointing.load(_sharded_state(engine, is_loading=True), path)
-    engine.student.load_state_dict(state["model"], strict=True)
-    engine.optimizer.load_state_dict(state["optimizer"])
+    if meta.get("engine", "megatron") != getattr(engine, "kind", "megatron"):
+        raise ValueError(f"{path!r} was written by engine={meta.get('engine', 'megatron')}; resume it with that "
+                         f"engine (engine={getattr(engine, 'kind', 'megatron')} now), or start from its weights "
+                         "with model.init_checkpoint")
+    if getattr(engine, "load_state", None) is not None:
+        engine.load_state(path)
+    else:
+        state = dist_checkpointing.load(_sharded_state(engine, is_loading=True), path)
+        engine.student.load_state_dict(state["model"], strict=True)
+        engine.optimizer.load_state_dict(state["optimizer"])
     engine.scheduler.load_state_dict(meta["scheduler"])
     return meta
 
@@ -86,6 +98,11 @@ def load_model_only(student, path: str) -> None:
 
     if os.path.isfile(os.path.join(path, LATEST)):
         path = latest(path)
+    from zeda_megatron.training.ds_weights import is_deepspeed_checkpoint, load_student_weights
+
+    if is_deepspeed_checkpoint(path):  # written by engine=deepspeed
+        load_student_weights(student, path)
+        return
     sharded = {"model": student.sharded_state_dict()}
     state = dist_checkpointing.load(sharded, path)
     student.load_state_dict(state["model"], strict=True)

@@ -164,8 +164,7 @@ def train_step(engine, microbatches: list[dict], replay=None, pad_id: int = 0) -
         args, kw = model_inputs(batch)
         return model(*args, **kw), partial(loss_func, batch, engine.loss_spec)
 
-    engine.ddp.zero_grad_buffer()
-    engine.optimizer.zero_grad()
+    engine.start_step(microbatches)
     reset_routing_counters(engine)
     if replay is not None:
         RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
@@ -176,8 +175,7 @@ def train_step(engine, microbatches: list[dict], replay=None, pad_id: int = 0) -
         if replay is not None:
             RouterReplay.clear_global_router_replay_action()
             RouterReplay.clear_global_indices()
-    ok, grad_norm, _ = engine.optimizer.step()
-    engine.scheduler.step(increment=1)
+    ok, grad_norm = engine.finish_step()
     sums = torch.zeros(4, dtype=torch.float64, device=model_device())
     for r in reports or []:
         sums += r["sums"].double()
@@ -186,7 +184,7 @@ def train_step(engine, microbatches: list[dict], replay=None, pad_id: int = 0) -
         "loss": (sums[0] / sums[3].clamp_min(1)).item(), "nll": (sums[1] / sums[3].clamp_min(1)).item(),
         "kl": (sums[2] / sums[3].clamp_min(1)).item(), "tokens": int(sums[3].item()),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "lr": engine.optimizer.param_groups[0]["lr"], "update_ok": bool(ok),
+        "lr": engine.current_lr(), "update_ok": bool(ok),
     }
 
 
