@@ -91,7 +91,14 @@ def _layout_worker(rank, world, hf_dir, tp, pp, ep, sp):
     model = _build(hf_dir, sequence_parallel=sp)
     prompts = _prompts(ps.get_data_parallel_rank())
     common = dict(max_new_tokens=12, eos_id=127, pad_id=0)
+    from zeda_megatron.mcore.specs import moe_layers, routing_stats
+
     out = {}
+    before = routing_stats(model)
+    sample(model, prompts[:1], temperature=0.0, **common)
+    # sampling leaves the routing counters as they were and the null-aware dispatchers in place
+    out["counters_kept"] = routing_stats(model) == before and before["tokens"] == 0
+    out["dispatchers"] = {type(m.token_dispatcher).__name__ for m in moe_layers(model)}
     for name, kw in {"greedy": dict(temperature=0.0), "sampled": dict(temperature=1.0, top_p=0.9)}.items():
         for cache in (True, False):
             gen = torch.Generator().manual_seed(42)
@@ -172,6 +179,7 @@ def test_replayed_routing_is_the_sampling_routing(layout_run):
     name, results = layout_run
     for res in results:
         assert res["sp_after"] == (name == "tp2_sp")  # SP restored after decoding
+        assert res["counters_kept"] and res["dispatchers"] == {"NullAwareAlltoAllDispatcher"}
         for c in res["checks"]:
             assert len(c["replay"]) == len(c["free"]) > 0
             if c["replay_lp"] is not None:  # last stage: the replayed forward gives the sampling log-probs

@@ -128,6 +128,16 @@ def _tokenizer(cfg):
     return load_tokenizer(cfg.model)
 
 
+def prompt_ids(tokenizer, prompts: list[str], chat_template: bool) -> list[list[int]]:
+    """The token ids generation feeds for ``prompts``: the shared template function (training and
+    evaluation use the same one); a DP rank without prompts in the last batch gets one dummy token."""
+    from zeda_megatron.training.templates import encode_prompts
+
+    if not prompts:
+        return [[tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]]
+    return encode_prompts(tokenizer, prompts, chat_template)
+
+
 # ---- the job -------------------------------------------------------------------------------------------
 def run(cfg) -> dict:
     from megatron.core import parallel_state as ps
@@ -135,8 +145,6 @@ def run(cfg) -> dict:
     from zeda_megatron.distributed import comm_device, destroy_parallel, init_parallel
     from zeda_megatron.training.jsonl import read_jsonl
     from zeda_megatron.training.rollout import sample
-    from zeda_megatron.training.templates import encode_prompts
-
     rows, _ = read_jsonl(str(cfg.data.prompts), "auto", need="prompt")  # errors name file, line, key
     prompts = [r["prompt"] for r in rows]
     if cfg.limit:
@@ -169,7 +177,7 @@ def run(cfg) -> dict:
     for first in range(start, len(prompts), per_step):
         chunk = prompts[first: first + per_step]
         mine = chunk[dp_rank * bs: (dp_rank + 1) * bs]
-        ids = encode_prompts(tok, mine, chat) if mine else [[tok.bos_id if tok.bos_id is not None else tok.eos_id]]
+        ids = prompt_ids(tok, mine, chat)
         # seeded by the first prompt's index: a resumed run samples what an uninterrupted one would
         gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + first * 7919 + dp_rank)
         r = sample(model, [ids], max_new_tokens=int(cfg.max_new_tokens), eos_id=tok.eos_id, pad_id=tok.pad_id,
