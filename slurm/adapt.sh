@@ -31,7 +31,12 @@ cd "${SLURM_SUBMIT_DIR:-$PWD}" || exit 1          # relative paths in overrides 
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$ZEDA_HOME/.venv/bin/python" ]; then PYTHON=$ZEDA_HOME/.venv/bin/python; else PYTHON=python3; fi
 fi
-JOB=(${PYTHON} "$ZEDA_HOME/slurm/job.py")
+# slurm/job.py's light commands (state, intro, outro, mark, the inputs check) need only the standard
+# library: they run in this shell with the node's python3; the plan and the phases run with PYTHON
+# (inside the container when SRUN_ARGS names one).
+HOST_PYTHON=${HOST_PYTHON:-$(command -v python3 || echo "$PYTHON")}
+JOB=(${HOST_PYTHON} "$ZEDA_HOME/slurm/job.py")
+PLAN=(${PYTHON} "$ZEDA_HOME/slurm/job.py")
 SRUN_ARGS=${SRUN_ARGS:-}                            # e.g. --container-image=... --container-mounts=...
 ts() { date '+%H:%M:%S'; }
 say() { echo "[zeda $(ts)] $*"; }
@@ -49,7 +54,7 @@ MAX_REQUEUES=$(jobopt max_requeues 50)
 
 # ---- dry run: the plan with the reference's hyper-parameters, nothing run ------------------------------
 if [ -n "${DRY_RUN:-}" ] && [ "${DRY_RUN}" != 0 ]; then
-  exec "${JOB[@]}" plan --family "$FAMILY" --run-dir "$RUN" --dry-run -- "$@"
+  exec "${PLAN[@]}" plan --family "$FAMILY" --run-dir "$RUN" --dry-run -- "$@"
 fi
 
 # ---- signals -------------------------------------------------------------------------------------------
@@ -165,25 +170,32 @@ if ! "${JOB[@]}" plan --family "$FAMILY" --run-dir "$RUN" --inputs-only -- "$@" 
   cat "$RUN/job/plan.err" >>"$CHECK_LOG"; sed 's/^/  /' "$RUN/job/plan.err" >&2
   say "phase 'check' failed: missing or wrong inputs (the overrides named above); log: $CHECK_LOG" >&2; exit 2
 fi
-ENV_ARGS=(env)
+ENV_ARGS=()
 if [ "$DEVICE" != cpu ]; then ENV_ARGS+=(--need-cuda --gpus "$(jobopt nproc_per_node "${SLURM_GPUS_ON_NODE:-8}")"); fi
+if [ -n "${SLURM_JOB_ID:-}" ] && [ "$NNODES" -gt 1 ]; then   # every node's environment
+  # shellcheck disable=SC2086
+  srun $SRUN_ARGS --nodes "$NNODES" --ntasks-per-node 1 "${PLAN[@]}" env "${ENV_ARGS[@]}" >>"$CHECK_LOG" 2>&1 </dev/null
+  RC=$?
+  if [ $RC -ne 0 ]; then
+    grep -E '^\[check\]|^  |^how to' "$CHECK_LOG" | tail -n 20 | sed 's/^/  /' >&2
+    say "phase 'check' failed (exit $RC): the environment is incomplete on some node; log: $CHECK_LOG" >&2; exit 2
+  fi
+fi
+# this node's environment, then the plan: both stages' configs validated, one command per phase
+PLAN_CMD=("${PLAN[@]}" plan --family "$FAMILY" --run-dir "$RUN" --env-check "${ENV_ARGS[@]}" -- "$@")
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   # shellcheck disable=SC2086
-  srun $SRUN_ARGS --nodes "$NNODES" --ntasks-per-node 1 "${JOB[@]}" "${ENV_ARGS[@]}" >>"$CHECK_LOG" 2>&1 </dev/null
+  srun $SRUN_ARGS --nodes 1 --ntasks 1 "${PLAN_CMD[@]}" > >(tee -a "$CHECK_LOG") 2>"$RUN/job/plan.err" </dev/null
 else
-  "${JOB[@]}" "${ENV_ARGS[@]}" >>"$CHECK_LOG" 2>&1 </dev/null
+  "${PLAN_CMD[@]}" > >(tee -a "$CHECK_LOG") 2>"$RUN/job/plan.err" </dev/null
 fi
-RC=$?
-if [ $RC -ne 0 ]; then
-  grep -E '^\[check\]|^  |^how to' "$CHECK_LOG" | tail -n 20 | sed 's/^/  /'
-  say "phase 'check' failed (exit $RC): the environment is incomplete; log: $CHECK_LOG"; exit 2
-fi
-"${JOB[@]}" plan --family "$FAMILY" --run-dir "$RUN" -- "$@" > >(tee -a "$CHECK_LOG") 2>"$RUN/job/plan.err"
 RC=$?
 cat "$RUN/job/plan.err" >>"$CHECK_LOG"
 if [ $RC -ne 0 ]; then
-  sed 's/^/  /' "$RUN/job/plan.err" >&2
-  say "phase 'check' failed (exit $RC): fix the overrides named above; log: $CHECK_LOG" >&2; exit 2
+  grep -E '^\[check\]|^  |^how to' "$RUN/job/plan.err" | sed 's/^/  /' >&2
+  if [ $RC -eq 3 ]; then say "phase 'check' failed: the environment is incomplete (see above); log: $CHECK_LOG" >&2
+  else say "phase 'check' failed (exit $RC): fix the overrides named above; log: $CHECK_LOG" >&2; fi
+  exit 2
 fi
 # shellcheck disable=SC1091
 source "$RUN/job/phases.sh"

@@ -100,6 +100,28 @@ def split_overrides(overrides: list[str]) -> dict:
     return {"phase": out, "job": job, "inputs": inputs}
 
 
+def check_inputs(family: str, overrides: list[str]) -> list[str]:
+    """The job's inputs, from the overrides alone (stdlib only, sub-second): model.hf_dir, data.prompts."""
+    routed = split_overrides(overrides)
+    hf_dir = _value(routed["phase"]["common"], "model.hf_dir", None)
+    prompts, responses = routed["inputs"]["prompts"], routed["inputs"]["responses"]
+    errors = []
+    if not hf_dir or hf_dir in ("null", "???"):
+        errors.append(f"model.hf_dir is not set: add model.hf_dir=/path/to/{'GLM-4.7-Flash' if family == 'glm' else 'Qwen3-30B-A3B'} "
+                      "(the original model's Hugging Face folder)")
+    elif not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        errors.append(f"model.hf_dir={hf_dir} has no config.json: not a Hugging Face model folder")
+    if not prompts:
+        errors.append("data.prompts is not set: add data.prompts=/path/to/prompts.jsonl (one {\"prompt\": ...} per line)")
+    elif not os.path.isfile(prompts):
+        errors.append(f"data.prompts={prompts} does not exist")
+    elif os.path.getsize(prompts) == 0:
+        errors.append(f"data.prompts={prompts} is empty")
+    if responses and not os.path.isfile(responses):
+        errors.append(f"data.responses={responses} does not exist")
+    return errors
+
+
 def compose(overrides: list[str]):
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
@@ -294,7 +316,7 @@ def build_plan(family: str, run_dir: str, overrides: list[str], dry_run: bool, e
     if module_exists("zeda_megatron.prepare_data"):
         prep = ["-m", "zeda_megatron.prepare_data", *common, f"data.path={sft_data}", "stage=sft",
                 f"trainer.seq_length={_value(sft_cfg_ov, 'trainer.seq_length', R['sft']['seq_length'])}", *ph["prepare"]]
-        add("prepare", "prepare stage-1 data", "single", prep, [d("data")],
+        add("prepare", "prepare stage-1 data", "single", prep, [sft_data],
             [f"tokenise/check {sft_data} for stage 1 ({n_sft} examples)"])
     else:
         add("prepare", "prepare stage-1 data", "none", [], [sft_data],
@@ -319,6 +341,7 @@ def build_plan(family: str, run_dir: str, overrides: list[str], dry_run: bool, e
                  f"out: {d(name)} (checkpoints every {t.save_interval} steps and on the signal; metrics.jsonl)"]
         add(name, f"stage {n} ({'off-policy' if name == 'sft' else 'on-policy'})", "torchrun",
             ["-m", "zeda_megatron.train", *ovs, f"hydra.run.dir={d(name)}"], [d(name, "summary.json")], intro)
+        phases[-1]["max_steps"] = int(t.max_steps)
     # export
     hf_out = d("hf")
     exp_n = 1 if on_cpu and nproc == 1 else min(nproc, int(cfgs["opd"].parallel.ep))
@@ -413,10 +436,9 @@ def marker(run_dir: str, name: str) -> str:
     return os.path.join(run_dir, "job", f"{name}.done")
 
 
-def train_progress(stage_dir: str) -> tuple[int, int]:
-    """(steps done, max steps) of a training stage from its summary.json / metrics.jsonl / config."""
-    import yaml
-
+def train_progress(stage_dir: str, total: int = -1) -> tuple[int, int]:
+    """(steps done, max steps) of a training stage from its summary.json / metrics.jsonl (stdlib only:
+    these light commands run in the batch shell, with whatever python3 the node has)."""
     done = 0
     try:
         with open(os.path.join(stage_dir, "summary.json")) as f:
@@ -429,12 +451,7 @@ def train_progress(stage_dir: str) -> tuple[int, int]:
                         done = max(done, int(json.loads(line).get("step", 0)))
         except (OSError, ValueError):
             pass
-    try:
-        with open(os.path.join(stage_dir, "config.yaml")) as f:
-            total = int(yaml.safe_load(f)["trainer"]["max_steps"])
-    except (OSError, ValueError, KeyError, TypeError):
-        total = -1
-    return done, total
+    return done, int(total)
 
 
 def phase_complete(plan: dict, name: str) -> bool:
@@ -446,7 +463,7 @@ def phase_complete(plan: dict, name: str) -> bool:
     except (OSError, ValueError):
         return False
     if name in TRAIN_PHASES:
-        done, total = train_progress(os.path.join(plan["run_dir"], name))
+        done, total = train_progress(os.path.join(plan["run_dir"], name), p.get("max_steps", -1))
         return total > 0 and done >= total
     return all(os.path.exists(o) for o in p["outputs"])
 
@@ -464,7 +481,7 @@ def cmd_mark(run_dir: str, name: str) -> int:
     plan = load_plan(run_dir)
     p = phase_of(plan, name)
     if name in TRAIN_PHASES:
-        done, total = train_progress(os.path.join(run_dir, name))
+        done, total = train_progress(os.path.join(run_dir, name), p.get("max_steps", -1))
         if total <= 0 or done < total:
             say(f"[zeda] {name} stopped at step {done}/{total}: not complete")
             return 3
@@ -480,7 +497,7 @@ def cmd_intro(run_dir: str, name: str) -> int:
     for line in p["intro"]:
         say(f"  {line}")
     if name in TRAIN_PHASES:
-        done, total = train_progress(os.path.join(run_dir, name))
+        done, total = train_progress(os.path.join(run_dir, name), p.get("max_steps", -1))
         if done:
             say(f"  resuming: {done}/{total} steps already done")
     if p["cmd"]:
@@ -522,7 +539,7 @@ def cmd_outro(run_dir: str, name: str) -> int:
     p = phase_of(plan, name)
     if name in TRAIN_PHASES:
         sd = os.path.join(run_dir, name)
-        done, total = train_progress(sd)
+        done, total = train_progress(sd, p.get("max_steps", -1))
         last = {}
         try:
             with open(os.path.join(sd, "summary.json")) as f:
@@ -655,9 +672,19 @@ def main(argv=None) -> int:
         a.add_argument("--family", choices=sorted(FAMILY_MODEL), required=True)
         a.add_argument("--run-dir", required=True)
         a.add_argument("--dry-run", action="store_true")
-        a.add_argument("--inputs-only", action="store_true", help="only check the inputs (seconds, no torch)")
+        a.add_argument("--inputs-only", action="store_true", help="only check the inputs (stdlib, sub-second)")
+        a.add_argument("--env-check", action="store_true", help="check this node's environment first")
+        a.add_argument("--need-cuda", action="store_true")
+        a.add_argument("--gpus", type=int, default=0)
         a.add_argument("overrides", nargs="*")
         ns = a.parse_args(rest)
+        if ns.inputs_only:
+            errors = check_inputs(ns.family, ns.overrides)
+            for e in errors:
+                say(f"[check] error: {e}", sys.stderr)
+            return 2 if errors else 0
+        if ns.env_check and cmd_env(ns.need_cuda, ns.gpus) != 0:
+            return 3
         try:
             plan = build_plan(ns.family, ns.run_dir, ns.overrides, ns.dry_run, dict(os.environ), ns.inputs_only)
         except SystemExit:
@@ -669,8 +696,6 @@ def main(argv=None) -> int:
             for e in plan["errors"]:
                 say(f"[check] error: {e}", sys.stderr)
             return 2
-        if ns.inputs_only:
-            return 0
         print_plan(plan, ns.dry_run)
         if not ns.dry_run:
             write_plan(plan)
