@@ -50,7 +50,7 @@ def parse(argv=None):
     p.add_argument("--baselines", choices=("on", "off"), default="on",
                    help="baseline table at matched expert FLOPs (trains a no-teacher null-expert model)")
     p.add_argument("--no-teacher-steps", type=int, default=None,
-                   help="steps of the no-teacher (plain NLL) baseline (default: --sft-steps + --opd-steps)")
+                   help="steps of the no-teacher (plain NLL) baseline (default: --sft-steps)")
     p.add_argument("--dial", nargs="*", type=float, default=[-4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0],
                    help="compute-dial biases swept at evaluation")
     p.add_argument("--extra", nargs="*", default=[], help="Hydra overrides for both stages")
@@ -194,7 +194,7 @@ def run(args) -> dict:
     # the no-teacher baseline: null experts trained with plain NLL + the group loss on training text
     nt_dir = os.path.join(out, "baseline_no_teacher")
     if args.baselines == "on":
-        nt_steps = args.no_teacher_steps or (args.sft_steps + args.opd_steps)
+        nt_steps = args.no_teacher_steps or args.sft_steps
         text = os.path.join(ddir, "text.jsonl")
         if not os.path.isfile(text):
             corpus.write_stage1_data(text, n=max(args.prompts, 256), seed=args.seed, mode="text")
