@@ -10,12 +10,17 @@ stamp="$VENV/.zeda-setup-$(cat requirements.txt scripts/setup.sh | sha1sum | cut
 if [ -f "$stamp" ]; then echo "[setup] $VENV is up to date"; exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 VPY="$VENV/bin/python"
-# pip, quiet, minus the noise about this machine's local index mirrors; fails when pip fails.
+# pip, quiet, minus known-harmless noise: this machine's local index mirrors, and setuptools' build-backend
+# deprecation banners (SetuptoolsDeprecationWarning blocks framed by "!!" / "****" lines) while building the
+# editable install; anything else is shown. Fails when pip fails (then the whole log is shown).
 pipq() {
   local log rc=0
   log=$(mktemp)
   "$VPY" -m pip install -q "$@" >"$log" 2>&1 || rc=$?
-  grep -v "^WARNING: Location" "$log" >&2 || true
+  if [ $rc -ne 0 ]; then cat "$log" >&2; else
+    awk '/^ *!!$/ {skip = !skip; next} skip {next}
+         /SetuptoolsDeprecationWarning|^ *[*][*][*][*][*][*][*][*]+$|^WARNING: Location/ {next} {print}' "$log" >&2
+  fi
   rm -f "$log"
   return $rc
 }

@@ -6,6 +6,7 @@ Installed by ``import zeda_megatron`` (so every command of the project and every
 * megatron-core's import-time ``UserWarning``s about optional packages it falls back from: "Transformer
   Engine and Apex are not installed ...", "Apex is not installed ...", "absl.logging is not installed ..."
   (on a GPU node with Transformer Engine they do not occur);
+* megatron-core's "full scope is deprecated" ``UserWarning`` (its own cuda-graph default, every model build);
 * megatron-core's deprecation notices logged on every start: "GPTModel IS DEPRECATED ..." (the
   GPTModel class is what megatron-core 0.19.2's MoE stack is built on) and "MCore's async save is
   deprecated ..." (printed by the synchronous save path too);
@@ -22,6 +23,7 @@ WARNING_PREFIXES = (
     "Transformer Engine and Apex are not installed",
     "Apex is not installed",
     "absl.logging is not installed",
+    "full scope is deprecated",   # TransformerConfig's cuda-graph scope default, on every model build
 )
 LOG_PREFIXES = {
     "megatron.core.models.gpt.gpt_model": ("GPTModel IS DEPRECATED",),
