@@ -339,6 +339,7 @@ def build_plan(family: str, run_dir: str, overrides: list[str], dry_run: bool, e
                  f"layout: {lay_s}; {world} processes; recompute {t.recompute}",
                  f"data: {c.data.path}; from: {c.model.init_checkpoint}",
                  f"out: {d(name)} (checkpoints every {t.save_interval} steps and on the signal; metrics.jsonl)"]
+        intro += memory_lines(cfgs.get(name), world, on_cpu)
         add(name, f"stage {n} ({'off-policy' if name == 'sft' else 'on-policy'})", "torchrun",
             ["-m", "zeda_megatron.train", *ovs, f"hydra.run.dir={d(name)}"], [d(name, "summary.json")], intro)
         phases[-1]["max_steps"] = int(t.max_steps)
@@ -368,6 +369,20 @@ def build_plan(family: str, run_dir: str, overrides: list[str], dry_run: bool, e
             "world": world, "wandb_group": group, "job": job, "phases": phases, "wanted": wanted, "errors": errors,
             "notes": notes + [n for p in plans.values() for n in p.notes if "without model.init_checkpoint" not in n], "n_prompts": n_prompts,
             "reference": {"sft_steps": steps1}, "created": time.time()}
+
+
+def memory_lines(cfg, world: int, on_cpu: bool) -> list[str]:
+    """The planned memory per GPU (python -m zeda_megatron.plan's table), when it can be computed."""
+    if cfg is None:
+        return []
+    try:
+        from zeda_megatron import plan as mplan
+
+        mp = mplan.memory_plan(cfg, world, on_gpu=not on_cpu)
+        table = mplan.format_table(mp, str(cfg.model.name)).splitlines()
+    except Exception as e:  # noqa: BLE001 - the plan is information here; the trainer checks it for real
+        return [f"planned memory: not computed ({type(e).__name__}: {str(e)[:200]})"]
+    return ["planned memory (python -m zeda_megatron.plan):"] + ["  " + line for line in table if line.strip()]
 
 
 def _missing(node, key) -> bool:
