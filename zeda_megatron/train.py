@@ -112,9 +112,18 @@ def run(cfg) -> dict:
                          null_weight=float(nx.weight), mask_null_experts=bool(nx.get("mask", False)))
     precision = str(cfg.trainer.precision)
     dtype = torch.float32 if precision == "fp32" or (precision == "auto" and on_cpu()) else torch.bfloat16
-    spec = LossSpec(stage.name, float(stage.nll_weight), float(stage.kl_weight), str(stage.kl), float(stage.temperature))
+    spec = LossSpec(stage.name, float(stage.nll_weight), float(stage.kl_weight), str(stage.kl), float(stage.temperature),
+                    fused=bool(stage.get("fused_loss", False)))
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    engine = build_engine(
+    build = build_engine
+    engine_cfg = OmegaConf.to_container(cfg.engine, resolve=True) if cfg.get("engine") else {"name": "megatron"}
+    if engine_cfg.get("name") == "deepspeed":  # conf/engine/deepspeed.yaml: the student under DeepSpeed ZeRO
+        from functools import partial
+
+        from zeda_megatron.training.ds_engine import build_ds_engine
+
+        build = partial(build_ds_engine, engine_cfg=engine_cfg, micro_batch_size=int(cfg.trainer.micro_batch_size))
+    engine = build(
         hf_dir=hf_dir, null=null, group_loss_coeff=float(cfg.model.group_loss_coeff), loss_spec=spec,
         optim=optim, max_steps=int(cfg.trainer.max_steps), seed=int(cfg.seed),
         init_checkpoint=cfg.model.init_checkpoint, recompute=_recompute_mode(cfg.trainer.recompute),

@@ -39,6 +39,7 @@ class CoLocatedDistillation(torch.nn.Module):
         self.config = student_ddp.module.config
         self.hidden = self.config.hidden_size
         self.teacher_enabled = True
+        self.fused_output = False  # last stage: hidden states + output weight instead of logits
         freeze_teacher(teacher)
 
     @property
@@ -77,6 +78,10 @@ class CoLocatedDistillation(torch.nn.Module):
     def forward(self, input_ids, position_ids, attention_mask=None, padding_mask=None, packed_seq_params=None):
         padding_mask = self._stage_padding_mask(padding_mask)
         kw = dict(padding_mask=padding_mask, packed_seq_params=packed_seq_params)
+        if self.fused_output and self.student.post_process:
+            from zeda_megatron.linear_kl import output_processor
+
+            kw["output_processor"] = output_processor
         s = self.module(input_ids, position_ids, attention_mask, **kw)
         if not self.teacher_enabled:
             return s
@@ -110,6 +115,8 @@ class LossSpec:
     kl_weight: float = 0.0  # sft: forward KL to the teacher; opd: reverse KL weight
     kl: str = "exact"  # opd: exact | sampled
     temperature: float = 1.0
+    fused: bool = False  # output layer + losses fused per token chunk (zeda_megatron.linear_kl)
+    chunk_size: int | None = None  # tokens per chunk of the fused path (None: ~32 MiB per fp32 chunk)
 
     @property
     def needs_teacher(self) -> bool:
@@ -136,14 +143,41 @@ def token_losses(student_logits, teacher_logits, labels, spec: LossSpec, tp_grou
     return spec.kl_weight * surrogate, nll.detach(), estimate
 
 
+def fused_token_losses(student, teacher, batch, spec: LossSpec):
+    """Per-token (loss, nll, kl) [b, s] detached and the differentiable masked loss sum, from the
+    last stage's :class:`zeda_megatron.linear_kl.OutputHidden` (the output layer and the losses
+    computed together per token chunk: no full-vocabulary logits are materialised)."""
+    from zeda_megatron.linear_kl import fused_losses_from_outputs
+
+    if spec.stage == "sft":
+        kw = dict(nll_weight=spec.nll_weight, forward_kl_weight=spec.kl_weight if teacher is not None else 0.0)
+    elif spec.kl == "exact":
+        kw = dict(reverse_kl_weight=spec.kl_weight, temperature=spec.temperature)
+    else:
+        kw = dict(sampled_kl_weight=spec.kl_weight)
+    r = fused_losses_from_outputs(student, teacher, batch["labels"], batch["loss_mask"].float(),
+                                  chunk_size=spec.chunk_size, **kw)
+    if teacher is None:
+        kl = torch.zeros_like(r.token_loss)
+    else:
+        kl = r.forward_kl if spec.stage == "sft" else r.reverse_kl if spec.kl == "exact" else r.sampled_kl
+    return r.loss, r.token_loss, r.nll, kl
+
+
 def loss_func(batch, spec: LossSpec, output):
     """megatron-core loss_func with per-token loss: (loss sum, token count, report). Pads and prompt
-    tokens are out through ``loss_mask``; ``output`` is ``(student, teacher)`` logits or the
-    student's alone."""
+    tokens are out through ``loss_mask``; ``output`` is ``(student, teacher)`` logits (or fused
+    outputs, :class:`zeda_megatron.linear_kl.OutputHidden`) or the student's alone."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.utils import VocabUtility
 
     student_logits, teacher_logits = output if isinstance(output, tuple) else (output, None)
+    if not torch.is_tensor(student_logits):  # fused output layer + losses
+        mask = batch["loss_mask"].float()
+        loss_sum, loss, nll, kl = fused_token_losses(student_logits, teacher_logits, batch, spec)
+        n = mask.sum()
+        report = torch.stack([(loss * mask).sum(), (nll * mask).sum(), (kl * mask).sum(), n])
+        return loss_sum, n.to(torch.int), {"sums": report}
     tp = ps.get_tensor_model_parallel_world_size()
     group = ps.get_tensor_model_parallel_group() if tp > 1 else None
     vocab_start = 0

@@ -153,6 +153,7 @@ def train_step(engine, microbatches: list[dict], replay=None, pad_id: int = 0) -
 
     engine.wrapper.train()
     engine.wrapper.teacher_enabled = engine.loss_spec.needs_teacher
+    engine.wrapper.fused_output = engine.loss_spec.fused
     microbatches = prepare_microbatches(microbatches, engine.config, pad_id=pad_id)
     counter = iter(range(len(microbatches)))
 
@@ -172,6 +173,7 @@ def train_step(engine, microbatches: list[dict], replay=None, pad_id: int = 0) -
         reports = run_schedule(engine, microbatches, False, forward_step)
     finally:
         engine.wrapper.teacher_enabled = True
+        engine.wrapper.fused_output = False
         if replay is not None:
             RouterReplay.clear_global_router_replay_action()
             RouterReplay.clear_global_indices()
