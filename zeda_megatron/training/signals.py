@@ -8,10 +8,14 @@ The handler only sets a flag; the training loop polls it once per step, after th
         if stop_requested_all():      # agreed by every rank (all-reduce MAX)
             save_checkpoint(...); break
 
-Slurm: ``#SBATCH --signal=USR1@120`` (to the job steps; ``B:USR1@120`` only reaches the batch shell)
-plus ``--requeue``; the requeued job resumes from the checkpoint (``trainer.resume=auto``). torchrun
-forwards SIGTERM to its workers. Ranks may see the signal at different steps, hence
-:func:`stop_requested_all`, which every rank must call at the same point of every step.
+Slurm (slurm/adapt.sh): ``#SBATCH --signal=B:USR1@900`` reaches the batch shell, whose trap forwards it to
+every task of the running step (``scancel --signal=USR1 <job>``); torchrun runs with
+``--signals-to-handle ...,SIGUSR1`` and a shutdown timeout as long as the save needs, so every rank gets
+it; the ranks save and exit, and the shell requeues the job (``scontrol requeue``); the requeued job
+resumes from the checkpoint (``trainer.resume=auto``). SIGTERM (cancel, preemption) reaches the ranks
+directly and also saves. Ranks may see the signal at different steps, hence :func:`stop_requested_all`,
+which every rank must call at the same point of every step. Sweep points launched by submitit
+(conf/sweep/slurm.yaml) use :func:`export_slurm_rank_env` and :func:`requeue_if_stopped`.
 """
 
 from __future__ import annotations
