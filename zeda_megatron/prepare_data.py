@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(a)
     try:
         cfg = compose(overrides)
+    except Exception as e:  # Hydra's override/composition errors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         results = prepare_config(cfg, out=out, force=force)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
