@@ -1,6 +1,11 @@
-"""The distillation trainer (issue 4).
+"""The distillation trainer.
 
-Infrastructure: ``data`` (tokenizer, JSONL datasets, deterministic resumable batches), ``metrics``
-(metrics.jsonl, W&B, progress line), ``signals`` (SIGTERM/SIGUSR1 -> save and exit), ``validate``
-(config checks before anything is built). The engine: ``engine`` and the lead's training core.
+One concern per module: ``build`` (teacher + student, DDP, optimizer, scheduler -> ``Engine``),
+``distill`` (the co-located student/teacher module and the last stage's loss), ``step`` (batches onto
+the device, padded for the layout; the pipeline schedule; one optimizer step), ``opd`` (stage-2
+sampling and routing record), ``moe_metrics`` (null share, expert FLOPs removed, group loss),
+``checkpoint``, ``metrics`` (metrics.jsonl, W&B, progress line), ``signals`` (SIGTERM/SIGUSR1 -> save
+and exit), ``validate`` (config checks before anything is built), ``random_init`` (random-init HF
+teachers for test models), the data modules (``data`` and its split). ``engine`` re-exports the
+public API of build/distill/step/moe_metrics.
 """
