@@ -99,7 +99,10 @@ class HFTokenizer:
         )
 
     def fingerprint(self) -> str:
-        """Digest of the vocabulary, merges, special tokens and chat template."""
+        """Digest of the vocabulary, merges, special tokens and chat template (computed once)."""
+        cached = getattr(self, "_fingerprint", None)
+        if cached is not None:
+            return cached
         h = hashlib.sha256()
         backend = getattr(self.tok, "backend_tokenizer", None)
         if backend is not None:
@@ -108,7 +111,8 @@ class HFTokenizer:
             h.update(json.dumps(sorted(self.tok.get_vocab().items())).encode())
         h.update(json.dumps([self.bos_id, self.eos_id, self.pad_id, self.vocab_size,
                              self.chat_template or ""]).encode())
-        return "hf-" + h.hexdigest()[:24]
+        self._fingerprint = "hf-" + h.hexdigest()[:24]
+        return self._fingerprint
 
 
 def as_tokenizer(tok):
