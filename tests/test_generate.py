@@ -89,7 +89,8 @@ def test_generate_equals_hf_greedy_and_resumes_after_kill(teacher):
     ref = _hf_reference(t)
     assert any(r["response"] for r in ref)
     out = t["dir"] / "killed.jsonl"
-    proc = subprocess.Popen(_cmd(t, out), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = open(t["dir"] / "killed.log", "w")  # a file, not a pipe: a full pipe would stall the child
+    proc = subprocess.Popen(_cmd(t, out), cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if out.exists() and out.read_text().count("\n") >= 1:
@@ -97,6 +98,7 @@ def test_generate_equals_hf_greedy_and_resumes_after_kill(teacher):
             break
         time.sleep(0.005)
     proc.wait(timeout=60)
+    log.close()
     assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
     kept = out.read_text()
     assert 1 <= kept.count("\n") < N_PROMPTS
