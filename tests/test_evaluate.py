@@ -166,3 +166,32 @@ def test_plusplus_counters(loaded):
     st = routing_stats(s[0])
     assert st["slots"] == len(data.ids[0]) * 2 * len(ev.null_blocks(s[0]))
     assert 0 <= st["null_slots"] <= st["slots"]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe_lite"])
+def test_exported_config_carries_every_expert_count_key(family, tmp_path):
+    import shutil
+
+    from transformers import AutoConfig, Glm4MoeLiteConfig, Qwen3MoeConfig
+
+    from zeda_megatron.bridge.export_hf import EXPERT_COUNT_KEYS, hf_config_dict
+    from zeda_megatron.bridge.hf_config import model_info
+    from zeda_megatron.bridge.remote_code import FILES, ROUTING_FILE
+
+    common = dict(num_experts_per_tok=2, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, moe_intermediate_size=32)
+    raw = (Qwen3MoeConfig(num_experts=8, head_dim=16, **common) if family == "qwen3_moe" else
+           Glm4MoeLiteConfig(n_routed_experts=8, n_shared_experts=1, **common)).to_dict()
+    for z in (0, 4):
+        cfg = hf_config_dict(model_info(raw), z)
+        for key in EXPERT_COUNT_KEYS[family]:
+            assert cfg[key] == 8, (key, z)  # real experts only: null experts have no weights
+        assert cfg["torch_dtype"] == cfg["dtype"] == "float32"
+    assert cfg["zce_nums"] == [4] and cfg["zce_logit_bias"] == 0.0
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    src = os.path.join(ROOT, "zeda_megatron", "bridge", "remote_code")
+    for fn in FILES[family]:
+        shutil.copy2(os.path.join(src, fn), tmp_path / fn)
+    shutil.copy2(ROUTING_FILE[1], tmp_path / ROUTING_FILE[0])
+    loaded = AutoConfig.from_pretrained(str(tmp_path), trust_remote_code=True)
+    assert loaded.num_local_experts == 8 and loaded.zce_logit_bias == 0.0 and loaded.zce_nums == [4]
