@@ -77,3 +77,43 @@ def check_layout(*, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = Non
                 f"parallel.tp={tp} does not divide model.hf_config.{key}={hf_config[key]} "
                 f"(tensor_model_parallel_size={tp}); choose a tp dividing it"
             )
+
+
+ENGINES = ("megatron", "deepspeed")
+
+
+def check_engine(*, engine: str = "megatron", zero_stage: int | None = None, offload_optimizer: bool = False,
+                 offload_param: bool = False, tp: int = 1, pp: int = 1, ep: int = 1,
+                 sequence_parallel: bool = False) -> None:
+    """Raise :class:`LayoutError` for a training engine / layout pair that cannot run.
+
+    ``engine=deepspeed`` (zeda_megatron/training/ds_engine.py) wraps the megatron-core student in a
+    DeepSpeed engine: no pipeline stages (DeepSpeed's pipeline engine needs its own PipelineModule),
+    no tensor parallelism (megatron's finalize_model_grads reduces the sequence-parallel norm
+    weights over TP; ZeRO does not), ZeRO stage 1, 2 or 3, ZeRO-3 without expert parallelism
+    (ZeRO-3 would partition each rank's own experts as if they were replicas), parameter offload
+    only with ZeRO-3 (DeepSpeed's rule)."""
+    if engine not in ENGINES:
+        raise LayoutError(f"engine={engine!r} is unknown; use engine=megatron or engine=deepspeed")
+    if engine != "deepspeed":
+        return
+    if zero_stage not in (1, 2, 3) or isinstance(zero_stage, bool):
+        raise LayoutError(f"engine.zero_stage={zero_stage!r} must be 1, 2 or 3 under engine=deepspeed")
+    if pp > 1:
+        raise LayoutError(
+            f"parallel.pp={pp} with engine=deepspeed: the DeepSpeed engine runs the megatron-core student "
+            "without pipeline stages (pipeline_model_parallel_size must be 1); use parallel.pp=1 or engine=megatron")
+    if tp > 1 or sequence_parallel:
+        raise LayoutError(
+            f"parallel.tp={tp} (sequence_parallel={sequence_parallel}) with engine=deepspeed: megatron-core's "
+            "TP reductions of the sequence-parallel weights live in its finalize_model_grads, which ZeRO does "
+            "not run; use parallel.tp=1 or engine=megatron")
+    if zero_stage == 3 and ep > 1:
+        raise LayoutError(
+            f"engine.zero_stage=3 with parallel.ep={ep}: ZeRO-3 partitions each rank's parameters over the "
+            "data-parallel group, but expert-parallel ranks hold different experts; use engine.zero_stage=1/2 "
+            "with expert parallelism, or parallel.ep=1 with ZeRO-3")
+    if offload_param and zero_stage != 3:
+        raise LayoutError(
+            f"engine.offload_param=true needs engine.zero_stage=3 (DeepSpeed offloads parameters only "
+            f"under ZeRO-3; zero_stage={zero_stage})")

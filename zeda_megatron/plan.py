@@ -25,6 +25,12 @@ What each part counts, per GPU (the worst pipeline stage), in megatron-core 0.19
   with ``optim.optimizer_offload_fraction`` f moves f of it to host memory (megatron-core's
   HybridDeviceOptimizer; reported as host bytes, not GPU).
 * **teacher params**: the original model (no null rows), frozen, same dtype and layout, no grads.
+* **engine=deepspeed** (conf/engine/deepspeed.yaml): ZeRO replaces the DDP buffer and megatron's
+  optimizer: an fp32 master partition + Adam's moments (12 B per parameter of this rank's partition:
+  dense params over DP, experts over expert-DP); gradients full (ZeRO-1) or this rank's fp32
+  partition + the reduce bucket (ZeRO-2/3); ZeRO-3 partitions the parameters too (+ the largest layer
+  gathered). ``engine.offload_optimizer`` / ``engine.offload_param`` move them to host memory
+  (reported as host bytes).
 * **activations**: what the backward keeps for the micro-batches in flight (1F1B: up to PP of them on
   the first stage) at ``trainer.micro_batch_size x trainer.seq_length`` tokens, bf16. Full recompute
   (``trainer.recompute=full``) keeps only each layer's input plus one layer's working set. Routed rows
@@ -178,6 +184,10 @@ class Settings:
     gpu_bytes: int | None
     z: int
     on_gpu: bool = True
+    engine: str = "megatron"  # conf/engine: megatron | deepspeed
+    zero_stage: int = 0  # engine=deepspeed: ZeRO stage 1/2/3
+    ds_offload_optimizer: bool = False
+    ds_offload_param: bool = False
     notes: list = field(default_factory=list)
 
 
@@ -281,12 +291,19 @@ def settings_of(cfg, world: int | None = None, gpu_gb=None, *, on_gpu: bool | No
     dist_opt = on_gpu if d in ("auto", None) else bool(d)
     mbs, gbs = int(_get(cfg, "trainer.micro_batch_size", 1)), int(_get(cfg, "trainer.global_batch_size", 1))
     stage = str(_get(cfg, "stage.name", "sft"))
+    engine = str(_get(cfg, "engine.name", "megatron"))
+    ds = engine == "deepspeed"
+    if ds:
+        dist_opt = False  # megatron's distributed optimizer is not used: ZeRO partitions instead
     return Settings(
+        engine=engine, zero_stage=int(_get(cfg, "engine.zero_stage", 2)) if ds else 0,
+        ds_offload_optimizer=ds and bool(_get(cfg, "engine.offload_optimizer", False)),
+        ds_offload_param=ds and bool(_get(cfg, "engine.offload_param", False)),
         world=world, tp=tp, pp=pp, ep=ep, etp=etp, sp=sp, dp=dp, edp=edp, stage=stage,
         seq=int(_get(cfg, "trainer.seq_length", 1)), mbs=mbs, gbs=gbs, num_microbatches=max(1, gbs // max(1, mbs * dp)),
         param_bytes=4 if fp32 else 2, recompute=recompute, dist_opt=dist_opt,
         grad_fp32=bool(_get(cfg, "optim.grad_reduce_in_fp32", True)),
-        offload=bool(_get(cfg, "optim.optimizer_cpu_offload", False)),
+        offload=not ds and bool(_get(cfg, "optim.optimizer_cpu_offload", False)),
         offload_fraction=float(_get(cfg, "optim.optimizer_offload_fraction", 1.0)),
         rollout_batch=mbs, gpu_bytes=gpu_memory_bytes(cfg, gpu_gb), z=z,
         on_gpu=on_gpu,
@@ -362,6 +379,9 @@ def memory_plan(cfg, world: int | None = None, gpu_gb=None, *, on_gpu: bool | No
     if st.offload:
         host = opt * st.offload_fraction * 16 / per_param_opt  # fp32 param copy + 2 moments + pinned fp32 grad
         opt = opt * (1 - st.offload_fraction)
+    host_params = 0.0
+    if st.engine == "deepspeed":
+        opt, host, host_params = _deepspeed_parts(parts, sp_, s, st)
     parts["optimizer_states"] = int(opt)
     parts["teacher_params"] = (tp_["dense"] + tp_["expert"]) * pb
     # activations of the training step
@@ -411,11 +431,14 @@ def memory_plan(cfg, world: int | None = None, gpu_gb=None, *, on_gpu: bool | No
         "headroom_bytes": None if gpu is None else int(gpu - peak),
         "fits": fits,
         "host_optimizer_bytes": int(host),
+        "host_param_bytes": int(host_params),
         "layout": {"world": st.world, "tp": st.tp, "pp": st.pp, "ep": st.ep, "etp": st.etp, "dp": st.dp,
                    "expert_dp": st.edp, "sequence_parallel": st.sp},
         "settings": {"stage": st.stage, "tokens_per_microbatch": t, "micro_batch_size": st.mbs,
                      "seq_length": st.seq, "microbatches_in_flight": in_flight, "param_dtype":
                      "fp32" if pb == 4 else "bf16", "grad_dtype": "fp32" if st.grad_fp32 else ("fp32" if pb == 4 else "bf16"),
+                     "engine": st.engine, "zero_stage": st.zero_stage, "offload_optimizer": st.ds_offload_optimizer,
+                     "offload_param": st.ds_offload_param,
                      "recompute": st.recompute or "none", "distributed_optimizer": st.dist_opt,
                      "optimizer_cpu_offload": st.offload, "optimizer_offload_fraction": st.offload_fraction if st.offload else 0.0,
                      "rollout_batch": st.rollout_batch if st.stage == "opd" else 0, "null_experts": st.z,
@@ -423,6 +446,45 @@ def memory_plan(cfg, world: int | None = None, gpu_gb=None, *, on_gpu: bool | No
     }
     plan["fixes"] = [] if fits in (None, True) else suggest_fixes(cfg, st, plan, world, gpu_gb, on_gpu)
     return plan
+
+
+DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
+
+
+def _deepspeed_parts(parts: dict, sp_: dict, s: Shapes, st: Settings) -> tuple[float, float, float]:
+    """engine=deepspeed (ZeRO, zeda_megatron/training/ds_engine.py): per-GPU student params/grads
+    (updates ``parts``) and (optimizer GPU bytes, optimizer host bytes, param host bytes).
+
+    ZeRO keeps an fp32 master partition (also for fp32 params) + Adam's two moments: 12 B per
+    parameter of this rank's partition (dense params over DP, experts over expert-DP). ZeRO-1:
+    full gradients (param dtype); ZeRO-2/3: this rank's gradient partition (fp32) plus the reduce
+    bucket; ZeRO-3: this rank's parameter partition plus the largest layer gathered.
+    ``offload_optimizer``: optimizer states (and the fp32 gradient partition) in host memory;
+    ``offload_param`` (ZeRO-3): the parameter partition in host memory."""
+    pb = st.param_bytes
+    n = sp_["dense"] + sp_["expert"]
+    shard = sp_["dense"] / st.dp + sp_["expert"] / st.edp
+    opt = shard * 12
+    if st.zero_stage >= 2:
+        grads = shard * 4 + min(n, DS_REDUCE_BUCKET) * pb
+    else:
+        grads = n * pb
+    largest_layer = max((sum(_layer_params(s, bool(m), st.z, st.tp, st.ep, st.etp).values()) for m in s.moe_layers),
+                        default=0)
+    params = n * pb
+    host_params = 0.0
+    if st.zero_stage == 3:
+        params = shard * pb + largest_layer * pb
+        if st.ds_offload_param:
+            host_params = shard * pb
+            params = largest_layer * pb
+    host = 0.0
+    if st.ds_offload_optimizer:
+        host = opt + shard * 4  # + the fp32 gradient partition the CPU step reads
+        opt = 0.0
+    parts["student_params"] = int(params)
+    parts["student_grads"] = int(grads)
+    return opt, host, host_params
 
 
 _FIX_STEPS = (
@@ -448,11 +510,20 @@ def _with(cfg, overrides: dict):
     return new
 
 
+_DS_FIX_STEPS = (  # engine=deepspeed: ZeRO's memory settings instead of megatron's
+    ("trainer.recompute=full", {"trainer.recompute": "full"}, lambda st: st.recompute != "full"),
+    ("engine.zero_stage=3", {"engine.zero_stage": 3}, lambda st: st.zero_stage < 3 and st.ep == 1),
+    ("engine.offload_optimizer=true", {"engine.offload_optimizer": True}, lambda st: not st.ds_offload_optimizer),
+    ("engine.offload_param=true", {"engine.offload_param": True},
+     lambda st: st.ep == 1 and not st.ds_offload_param),
+)
+
+
 def suggest_fixes(cfg, st: Settings, plan: dict, world, gpu_gb, on_gpu) -> list[str]:
     """The memory settings that make the layout fit, cumulatively in this order (cheapest first),
     then what still would (more GPUs / EP, shorter sequences)."""
     applied, over = [], {}
-    for text, o, when in _FIX_STEPS:
+    for text, o, when in (_DS_FIX_STEPS if st.engine == "deepspeed" else _FIX_STEPS):
         if not when(st):
             continue
         over.update(o)
@@ -500,6 +571,8 @@ def format_table(plan: dict, model_name: str = "") -> str:
         f"{se['microbatches_in_flight']} in flight; params {se['param_dtype']}, grads {se['grad_dtype']}, "
         f"recompute {se['recompute']}, distributed optimizer {se['distributed_optimizer']}, "
         f"CPU offload {se['optimizer_offload_fraction'] if se['optimizer_cpu_offload'] else 'off'}"
+        + (f"; engine=deepspeed ZeRO-{se['zero_stage']}, offload optimizer {se['offload_optimizer']}, "
+           f"params {se['offload_param']}" if se.get("engine") == "deepspeed" else "")
         + (f", rollout batch {se['rollout_batch']}" if se["stage"] == "opd" else ""),
         "",
         "| part | GiB per GPU |",
@@ -513,6 +586,8 @@ def format_table(plan: dict, model_name: str = "") -> str:
         lines.append(f"| headroom | {gib(plan['headroom_bytes']).strip()} |")
     if plan["host_optimizer_bytes"]:
         lines.append(f"| (host memory: offloaded optimizer, per GPU) | {gib(plan['host_optimizer_bytes']).strip()} |")
+    if plan.get("host_param_bytes"):
+        lines.append(f"| (host memory: offloaded parameters, per GPU) | {gib(plan['host_param_bytes']).strip()} |")
     lines.append("")
     if plan["fits"] is None:
         lines.append("fits: not checked (no GPU size: gpu_gb=...)")
@@ -525,7 +600,7 @@ def format_table(plan: dict, model_name: str = "") -> str:
 
 def json_line(plan: dict) -> str:
     keys = ("total_params", "student_params", "per_gpu_bytes", "gpu_bytes", "fits", "gpu_capacity_bytes",
-            "host_optimizer_bytes", "layout", "settings")
+            "host_optimizer_bytes", "host_param_bytes", "layout", "settings")
     return json.dumps({k: plan[k] for k in keys}, sort_keys=False)
 
 

@@ -143,10 +143,20 @@ def _engine_class():
     return _MegatronMoEEngine
 
 
-def init_deepspeed_comm() -> None:
-    """DeepSpeed's comm over the process group megatron already made (gloo on CPU, nccl on GPU)."""
-    import deepspeed
+_WORLD_SEEN = []  # the default process group DeepSpeed's cached groups belong to
 
+
+def init_deepspeed_comm() -> None:
+    """DeepSpeed's comm over the process group megatron already made (gloo on CPU, nccl on GPU).
+    DeepSpeed caches groups (a clone of the world group) per process: after the process group was
+    destroyed and made again (destroy_parallel + init_parallel) they are released first."""
+    import deepspeed
+    from deepspeed.utils import groups
+
+    world = dist.group.WORLD
+    if _WORLD_SEEN and _WORLD_SEEN[0] is not world:
+        groups._release_process_group_references(None)
+    _WORLD_SEEN[:] = [world]
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", dist_init_required=False)
 
 
@@ -280,9 +290,10 @@ def optimizer_state_bytes(optimizer) -> dict:
             seen.add(id(t))
             out[t.device.type] = out.get(t.device.type, 0) + t.numel() * t.element_size()
 
-    inner = getattr(optimizer, "optimizer", optimizer)
-    for opts in (getattr(optimizer, "chained_optimizers", None) or [inner]):
-        opts = getattr(opts, "optimizer", opts)
+    chained = getattr(optimizer, "chained_optimizers", None)  # megatron: dense + expert optimizers
+    for opts in (chained if chained else [optimizer]):
+        while not isinstance(opts, torch.optim.Optimizer) and hasattr(opts, "optimizer"):
+            opts = opts.optimizer  # megatron's / DeepSpeed's wrapper -> the torch optimizer
         for st in opts.state.values():
             for v in st.values():
                 add(v)

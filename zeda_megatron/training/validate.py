@@ -282,6 +282,7 @@ def validate_config(cfg, world_size: int, check_data: bool = True) -> RunPlan:
         check_layout(tp=tp, pp=pp, ep=ep, etp=etp, sequence_parallel=sp, world_size=world_size, hf_config=hf)
     except LayoutError as e:
         raise ConfigError(str(e)) from e
+    check_engine_config(cfg, tp=tp, pp=pp, ep=ep, sequence_parallel=sp)  # engine=megatron|deepspeed
     dp = world_size // (tp * pp)
     if gbs % (mbs * dp):
         raise ConfigError(
@@ -340,6 +341,33 @@ def validate_config(cfg, world_size: int, check_data: bool = True) -> RunPlan:
         world_size=world_size, tp=tp, pp=pp, ep=ep, etp=etp, dp=dp, num_microbatches=nmb, hf_config=hf,
         num_experts=n_exp, num_null_experts=z, null_target_share=share, teacher_source=source, notes=notes,
     )
+
+
+def check_engine_config(cfg, *, tp: int, pp: int, ep: int, sequence_parallel: bool) -> str:
+    """The ``engine`` group (conf/engine): engine=megatron or engine=deepspeed, and the layouts and
+    optimizer settings each can take (rules in :func:`zeda_megatron.layout.check_engine`)."""
+    from zeda_megatron.layout import check_engine
+
+    name = _get(cfg, "engine.name", "megatron")
+    ds = name == "deepspeed"
+    try:
+        check_engine(engine=name, zero_stage=_get(cfg, "engine.zero_stage") if ds else None,
+                     offload_optimizer=bool(_get(cfg, "engine.offload_optimizer", False)),
+                     offload_param=bool(_get(cfg, "engine.offload_param", False)),
+                     tp=tp, pp=pp, ep=ep, sequence_parallel=sequence_parallel)
+    except LayoutError as e:
+        raise ConfigError(str(e)) from e
+    if ds:
+        if _get(cfg, "optim.use_distributed_optimizer") is True:
+            raise ConfigError("optim.use_distributed_optimizer=true is megatron-core's; under engine=deepspeed "
+                              "ZeRO partitions the optimizer (engine.zero_stage): leave it auto/false")
+        if _get(cfg, "optim.optimizer_cpu_offload", False):
+            raise ConfigError("optim.optimizer_cpu_offload=true is megatron-core's offload; under engine=deepspeed "
+                              "use engine.offload_optimizer=true")
+        extra = _get(cfg, "engine.config")
+        if extra is not None and not isinstance(extra, Mapping):
+            raise ConfigError(f"engine.config={extra!r} must be a mapping (merged into DeepSpeed's config)")
+    return name
 
 
 def _data_exists(path) -> bool:
