@@ -6,7 +6,10 @@ Installed by ``import zeda_megatron`` (so every command of the project and every
 * megatron-core's import-time ``UserWarning``s about optional packages it falls back from: "Transformer
   Engine and Apex are not installed ...", "Apex is not installed ...", "absl.logging is not installed ..."
   (on a GPU node with Transformer Engine they do not occur);
-* megatron-core's "full scope is deprecated" ``UserWarning`` (its own cuda-graph default, every model build);
+* megatron-core's "full scope is deprecated" ``UserWarning`` (its own cuda-graph default, every model build)
+  and "MimoModelConfig is experimental" (imported on every start);
+* torch's ``FutureWarning`` about ``all_gather_into_tensor`` / ``_all_gather_base`` / ``_reduce_scatter_base``
+  being deprecated, raised by megatron-core's own calls (nothing this project can change);
 * megatron-core's deprecation notices logged on every start: "GPTModel IS DEPRECATED ..." (the
   GPTModel class is what megatron-core 0.19.2's MoE stack is built on) and "MCore's async save is
   deprecated ..." (printed by the synchronous save path too);
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 
 WARNING_PREFIXES = (
@@ -24,6 +28,13 @@ WARNING_PREFIXES = (
     "Apex is not installed",
     "absl.logging is not installed",
     "full scope is deprecated",   # TransformerConfig's cuda-graph scope default, on every model build
+    "MimoModelConfig is experimental",   # megatron.core imports its MIMO configs on every start
+)
+# (message prefix, category): megatron-core's own calls into deprecated torch APIs
+OTHER_WARNINGS = (
+    ("`torch.distributed.all_gather_into_tensor` is deprecated", FutureWarning),
+    ("`torch.distributed._all_gather_base` is deprecated", FutureWarning),
+    ("`torch.distributed._reduce_scatter_base` is deprecated", FutureWarning),
 )
 LOG_PREFIXES = {
     "megatron.core.models.gpt.gpt_model": ("GPTModel IS DEPRECATED",),
@@ -49,7 +60,9 @@ def install() -> None:
     if os.environ.get("ZEDA_SHOW_ALL_WARNINGS", "") not in ("", "0"):
         return
     for prefix in WARNING_PREFIXES:
-        warnings.filterwarnings("ignore", message=prefix, category=UserWarning)
+        warnings.filterwarnings("ignore", message=re.escape(prefix), category=UserWarning)
+    for prefix, category in OTHER_WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(prefix), category=category)
     for name, prefixes in LOG_PREFIXES.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
