@@ -105,8 +105,10 @@ def export_slurm_rank_env() -> bool:
 
 def requeue_if_stopped() -> bool:
     """After a run that stopped on the pre-time-limit signal inside a Slurm job started by submitit:
-    requeue the job (global rank 0; the requeued point resumes from its checkpoint in the same folder).
-    slurm/adapt.sh does the same for the batch job. True if it asked Slurm to requeue."""
+    requeue the job (global rank 0; the requeued point resumes from its checkpoint in the same folder)
+    and end the process without a result, as submitit's own handler does (``SystemExit(-1)``), so that
+    the sweep launcher waits for the requeued run's result. slurm/adapt.sh does the same for the batch
+    job. False where nothing was requeued."""
     import os
     import subprocess
 
@@ -120,4 +122,7 @@ def requeue_if_stopped() -> bool:
         log.warning("stopped on a signal after %d requeues (ZEDA_MAX_REQUEUES=%d): not requeueing", restarts, limit)
         return False
     log.warning("stopped on a signal: requeueing Slurm job %s (restart %d)", os.environ["SLURM_JOB_ID"], restarts + 1)
-    return subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]]).returncode == 0
+    if subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]]).returncode != 0:
+        log.warning("scontrol requeue failed: the point stays incomplete (resubmit to resume)")
+        return False
+    raise SystemExit(-1)
