@@ -153,7 +153,7 @@ def test_zero2_optimizer_state_is_about_half_per_rank(job):
         # moments + fp32 master partition: 12/2 vs 8 bytes per parameter at DP=2
         assert 0.4 * megatron < zero2 < 0.8 * megatron, (zero2, megatron)
         n = r["zero2_ep1"]["n_params"]
-        assert megatron == 8 * n  # fp32 Adam: two moments per parameter, all of them on every rank
+        assert megatron == pytest.approx(8 * n, rel=1e-3)  # fp32 Adam: 2 moments per parameter (+ step counters)
         assert zero2 == pytest.approx(12 * n / 2, rel=0.01)  # the plan's ZeRO figure: 12 B x this rank's half
         assert sum(r["zero2_offload_ep1"]["opt_bytes"].values()) == pytest.approx(zero2, rel=0.01)
         assert r["zero2_offload_ep1"]["ds_cpu_offload"] and r["zero2_offload_ep1"]["ds_offload_devices"] == ["cpu"]
@@ -221,3 +221,68 @@ def test_memory_plan_knows_both_engines():
     assert b(z2, "student_grads") < b(z1, "student_grads") and b(z3, "student_params") < b(z2, "student_params")
     assert b(z3o, "optimizer_states") == 0 and z3o["host_optimizer_bytes"] > 0 and z3o["host_param_bytes"] > 0
     assert z3o["gpu_bytes"] < z3["gpu_bytes"] < z2["gpu_bytes"] < z1["gpu_bytes"] < mg["gpu_bytes"]
+
+
+# ---- the job from the command line: engine=deepspeed through zeda_megatron.train (one loop) ----------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = ["model=tiny_qwen3", "stage=sft", "engine=deepspeed", "engine.zero_stage=2", "parallel=ep2",
+       "trainer.micro_batch_size=2", "trainer.global_batch_size=4", "trainer.seq_length=32", "trainer.max_steps=8",
+       "optim.lr=1e-3", "trainer.verify_teacher=true"]
+
+
+def _cli(run_dir, *overrides):
+    import sys
+
+    from zeda_megatron.distributed import free_port
+
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "-m", "zeda_megatron.train", f"hydra.run.dir={run_dir}", *CLI, *overrides]
+
+
+def _env():
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+
+def _rows(run_dir):
+    import json
+
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_kill_and_resume_from_the_command_line(tmp_path):
+    """SIGTERM to the ranks (as Slurm sends) mid-run: DeepSpeed checkpoint, clean exit; the same
+    command resumes through DeepSpeed's load_checkpoint and the metrics equal the uninterrupted run."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    res = subprocess.run(_cli(full), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    proc = subprocess.Popen(_cli(killed), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    path = os.path.join(killed, "metrics.jsonl")
+    deadline = time.time() + 400
+    while time.time() < deadline and not (os.path.isfile(path) and len(open(path).read().splitlines()) >= 2):
+        time.sleep(0.05)
+    for child in psutil.Process(proc.pid).children():
+        child.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=400)
+    with open(os.path.join(killed, "summary.json")) as f:
+        interrupted = json.load(f)["steps_done"]
+    assert 2 <= interrupted < 8, out[-3000:]
+    ckpt = os.path.join(killed, "checkpoints", f"iter_{interrupted:07d}")
+    assert os.path.isdir(os.path.join(ckpt, "ds")) and os.path.isfile(os.path.join(ckpt, "student_ep001.pt"))
+    res = subprocess.run(_cli(killed), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    a, b = _rows(full), _rows(killed)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        for key in ("loss", "grad_norm", "lr", "null_share", "group_loss"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (key, ra, rb)
+    with open(os.path.join(killed, "summary.json")) as f:
+        assert json.load(f)["teacher_unchanged"] is True

@@ -36,7 +36,7 @@ def load_student_weights(student, path: str) -> None:
     state = torch.load(file, map_location="cpu", weights_only=True)
     own = student.state_dict()
     with torch.no_grad():
-        missing = [k for k in own if torch.is_tensor(own[k]) and k not in state]
+        missing = [k for k in own if torch.is_tensor(own[k]) and k not in state and not k.endswith("_extra_state")]
         if missing:
             raise KeyError(f"{file}: missing {missing[:5]}")
-        student.load_state_dict({k: state[k] for k in own}, strict=False)
+        student.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
