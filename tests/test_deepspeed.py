@@ -97,7 +97,7 @@ def _job(rank, world, hf_dir, tmp):
             opt = engine.ds.optimizer
             res["ds_cpu_offload"] = bool(getattr(opt, "cpu_offload", False))
             res["ds_offload_devices"] = sorted({t.device.type for t in getattr(opt, "single_partition_of_fp32_groups", [])})
-        if name in ("megatron_ep2", "zero2_ep2"):
+        if name in ("megatron_ep2", "zero2_ep2", "megatron_ep1", "zero3_ep1"):
             save_dir = os.path.join(tmp, name)
             checkpoint.save(engine, STEPS, save_dir, extra={"hf_dir": hf_dir, "seed": 0})
             _export(save_dir, os.path.join(tmp, name + "_hf"))
@@ -160,13 +160,14 @@ def test_zero2_optimizer_state_is_about_half_per_rank(job):
         assert not r["zero2_ep1"]["ds_cpu_offload"]
 
 
-def test_deepspeed_checkpoint_exports_like_megatron(job):
+@pytest.mark.parametrize("run, reference", [("zero2_ep2", "megatron_ep2"), ("zero3_ep1", "megatron_ep1")])
+def test_deepspeed_checkpoint_exports_like_megatron(job, run, reference):
     from bridge_fixtures import hf_logits
 
     tmp = job["tmp"]
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
-    a = hf_logits(str(tmp / "megatron_ep2_hf"), ids, trust_remote_code=True)
-    b = hf_logits(str(tmp / "zero2_ep2_hf"), ids, trust_remote_code=True)
+    a = hf_logits(str(tmp / f"{reference}_hf"), ids, trust_remote_code=True)
+    b = hf_logits(str(tmp / f"{run}_hf"), ids, trust_remote_code=True)
     assert torch.isfinite(a).all()
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
