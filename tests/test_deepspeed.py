@@ -64,10 +64,10 @@ def _metrics(engine, step, rank):
     return {k: o[k] for k in ("loss", "nll", "kl", "grad_norm", "lr", "group_loss", "null_share", "tokens")}
 
 
-def _optimizer_bytes(engine) -> dict:
+def _optimizer_bytes(engine, masters=True) -> dict:
     from zeda_megatron.training.ds_engine import optimizer_state_bytes
 
-    return optimizer_state_bytes(engine.ds.optimizer if getattr(engine, "ds", None) else engine.optimizer)
+    return optimizer_state_bytes(engine.ds.optimizer if getattr(engine, "ds", None) else engine.optimizer, masters)
 
 
 def _export(save_dir, out_dir):
@@ -91,7 +91,7 @@ def _job(rank, world, hf_dir, tmp):
             rows.append(_metrics(engine, step, rank))
             if name == "zero2_ep2" and step + 1 == RESUME_AT:
                 checkpoint.save(engine, RESUME_AT, os.path.join(tmp, "resume"), extra={"hf_dir": hf_dir, "seed": 0})
-        res = {"rows": rows, "opt_bytes": _optimizer_bytes(engine),
+        res = {"rows": rows, "opt_bytes": _optimizer_bytes(engine), "moment_bytes": _optimizer_bytes(engine, False),
                "n_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.student.parameters())}
         if getattr(engine, "ds", None) is not None:
             opt = engine.ds.optimizer
@@ -156,6 +156,9 @@ def test_zero2_optimizer_state_is_about_half_per_rank(job):
         assert megatron == pytest.approx(8 * n, rel=1e-3)  # fp32 Adam: 2 moments per parameter (+ step counters)
         assert zero2 == pytest.approx(12 * n / 2, rel=0.01)  # the plan's ZeRO figure: 12 B x this rank's half
         assert sum(r["zero2_offload_ep1"]["opt_bytes"].values()) == pytest.approx(zero2, rel=0.01)
+        # Adam's moments alone: half of megatron's on each of the 2 ranks
+        moments = sum(r["zero2_ep1"]["moment_bytes"].values())
+        assert moments == pytest.approx(sum(r["megatron_ep1"]["moment_bytes"].values()) / 2, rel=1e-3)
         assert r["zero2_offload_ep1"]["ds_cpu_offload"] and r["zero2_offload_ep1"]["ds_offload_devices"] == ["cpu"]
         assert not r["zero2_ep1"]["ds_cpu_offload"]
 

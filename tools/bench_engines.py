@@ -7,7 +7,7 @@ Spawns ``--world`` gloo processes; each builds the co-located pair per engine on
 tiny checkpoint and runs ``--steps`` stage-1 steps (the trainer's train_step) on the same batches.
 Reports per engine: the median step time (after one warm-up step), the last loss, and this rank's
 optimizer-state bytes measured from the tensors (Adam moments, plus ZeRO's fp32 master partitions),
-by device. Ends with one JSON line (rank 0)."""
+by device, and the Adam moments alone. Ends with one JSON line (rank 0)."""
 
 from __future__ import annotations
 
@@ -70,10 +70,12 @@ def _worker(rank, world, port, hf_dir, vocab, steps, ep, out):
             times.append(time.perf_counter() - t0)
         opt = engine.ds.optimizer if cfg is not None else engine.optimizer
         results[name] = {"step_time_s": statistics.median(times[1:] or times), "last_loss": loss,
-                         "optimizer_state_bytes": optimizer_state_bytes(opt)}
+                         "optimizer_state_bytes": optimizer_state_bytes(opt),
+                         "adam_moment_bytes": sum(optimizer_state_bytes(opt, masters=False).values())}
         if cfg is not None:
             results[name]["deepspeed_cpu_offload"] = bool(getattr(engine.ds.optimizer, "cpu_offload", False))
-        destroy_parallel()
+        del engine  # the next engine's model-parallel groups are rebuilt in the same process group
+    destroy_parallel()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
 
@@ -111,6 +113,7 @@ def main(argv=None) -> int:
     summary = {"model": args.model, "world": args.world, "ep": args.ep, "steps": args.steps,
                "engines": {n: {"step_time_s": round(r["step_time_s"], 4), "last_loss": r["last_loss"],
                                "optimizer_state_bytes_per_rank": [sum(rr[n]["optimizer_state_bytes"].values()) for rr in ranks],
+                               "adam_moment_bytes_per_rank": [rr[n]["adam_moment_bytes"] for rr in ranks],
                                "optimizer_state_devices": sorted(r["optimizer_state_bytes"]),
                                **({"deepspeed_cpu_offload": r["deepspeed_cpu_offload"]} if "deepspeed_cpu_offload" in r else {})}
                            for n, r in r0.items()}}

@@ -279,9 +279,10 @@ class DeepSpeedTrainEngine(Engine):
         return optimizer_state_bytes(self.ds.optimizer)
 
 
-def optimizer_state_bytes(optimizer) -> dict:
-    """{device type: bytes} of the tensors in an optimizer's state (and, for a DeepSpeed ZeRO
-    optimizer, its fp32 master partitions), measured from the tensors."""
+def optimizer_state_bytes(optimizer, masters: bool = True) -> dict:
+    """{device type: bytes} of the tensors in an optimizer's state (Adam's moments and step
+    counters) and, with ``masters``, a DeepSpeed ZeRO optimizer's fp32 master partitions, measured
+    from the tensors."""
     out: dict = {}
     seen = set()
 
@@ -297,7 +298,7 @@ def optimizer_state_bytes(optimizer) -> dict:
         for st in opts.state.values():
             for v in st.values():
                 add(v)
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat") if masters else ():
         for t in getattr(optimizer, name, None) or []:
             add(t)
     return out
