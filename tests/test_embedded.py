@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import time
 
 import pytest
 import torch
@@ -24,10 +23,7 @@ def _weights(d):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("teacher") / "glm")
-    t0 = time.time()
-    info = build_teacher(d, family="glm", preset="test", seed=0, log=QUIET)
-    info["build_s"] = time.time() - t0
-    return d, info
+    return d, build_teacher(d, family="glm", preset="test", seed=0, log=QUIET)
 
 
 def test_corpus_deterministic():
@@ -57,7 +53,7 @@ def test_prompt_files(tmp_path):
 
 def test_teacher_trained_and_loadable(teacher):
     d, info = teacher
-    assert info["build_s"] < 300  # ~15 s on 2 idle cores; generous for a loaded machine
+    assert info["steps_done"] == info["settings"]["steps"]  # the whole schedule ran (no time budget cut it)
     # genuinely trained: far below a random model, below the unigram baseline
     assert info["heldout_nll"] < info["random_nll"] - 1.0
     assert info["heldout_nll"] < info["unigram_nll"]
@@ -82,9 +78,8 @@ def test_teacher_trained_and_loadable(teacher):
 
 def test_teacher_cached_and_deterministic(teacher, tmp_path):
     d, info = teacher
-    t0 = time.time()
     again = build_teacher(d, family="glm", preset="test", seed=0, log=QUIET)
-    assert again["cached"] and time.time() - t0 < 10 and again["hash"] == info["hash"]
+    assert again["cached"] and again["hash"] == info["hash"]  # the marker matched: nothing rebuilt
     assert is_built(d, "glm", "test", 0)
     # a short build twice: same weights; deleting the directory rebuilds it
     ov = {"steps": 4}
