@@ -229,18 +229,18 @@ def test_memory_plan_knows_both_engines():
 
 # ---- the job from the command line: engine=deepspeed through zeda_megatron.train (one loop) ----------
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLI = ["model=tiny_qwen3", "stage=sft", "engine=deepspeed", "engine.zero_stage=2", "parallel=ep2",
+CLI = ["model=tiny_qwen3", "stage=sft", "parallel=ep2",
        "trainer.micro_batch_size=2", "trainer.global_batch_size=4", "trainer.seq_length=32", "trainer.max_steps=8",
        "optim.lr=1e-3", "trainer.verify_teacher=true"]
 
 
-def _cli(run_dir, *overrides):
+def _cli(run_dir, *overrides, engine=("engine=deepspeed", "engine.zero_stage=2")):
     import sys
 
     from zeda_megatron.distributed import free_port
 
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            "-m", "zeda_megatron.train", f"hydra.run.dir={run_dir}", *CLI, *overrides]
+            "-m", "zeda_megatron.train", f"hydra.run.dir={run_dir}", *CLI, *engine, *overrides]
 
 
 def _env():
@@ -254,7 +254,18 @@ def _rows(run_dir):
         return [json.loads(line) for line in f]
 
 
-def test_kill_and_resume_from_the_command_line(tmp_path):
+@pytest.fixture(scope="module")
+def cli_full(tmp_path_factory):
+    """An uninterrupted engine=deepspeed stage-1 run (ZeRO-2, EP=2) through zeda_megatron.train."""
+    import subprocess
+
+    full = tmp_path_factory.mktemp("cli") / "full"
+    res = subprocess.run(_cli(full), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return full
+
+
+def test_kill_and_resume_from_the_command_line(tmp_path, cli_full):
     """SIGTERM to the ranks (as Slurm sends) mid-run: DeepSpeed checkpoint, clean exit; the same
     command resumes through DeepSpeed's load_checkpoint and the metrics equal the uninterrupted run."""
     import json
@@ -264,9 +275,7 @@ def test_kill_and_resume_from_the_command_line(tmp_path):
 
     import psutil
 
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    res = subprocess.run(_cli(full), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
+    full, killed = cli_full, tmp_path / "killed"
     proc = subprocess.Popen(_cli(killed), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     path = os.path.join(killed, "metrics.jsonl")
@@ -290,3 +299,23 @@ def test_kill_and_resume_from_the_command_line(tmp_path):
             assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-9), (key, ra, rb)
     with open(os.path.join(killed, "summary.json")) as f:
         assert json.load(f)["teacher_unchanged"] is True
+
+
+def test_stage2_with_router_replay_equals_megatron(tmp_path, cli_full):
+    """Stage 2 (on-policy sampling, reverse KL, router replay) from the DeepSpeed stage-1 checkpoint
+    (model.init_checkpoint): engine=deepspeed ZeRO-1 and engine=megatron give the same samples'
+    losses, KL, grad norms, group losses and null shares."""
+    import subprocess
+
+    opd = ["stage=opd", "trainer.max_steps=2", "stage.max_new_tokens=8", "stage.router_replay=true",
+           f"model.init_checkpoint={cli_full}/checkpoints"]
+    runs = {}
+    for name, engine in (("ds", ("engine=deepspeed", "engine.zero_stage=1")), ("mg", ("engine=megatron",))):
+        res = subprocess.run(_cli(tmp_path / name, *opd, engine=engine), cwd=ROOT, env=_env(), capture_output=True,
+                             text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-4000:]
+        runs[name] = _rows(tmp_path / name)
+    assert len(runs["ds"]) == 2 and all(r["kl"] > 0 for r in runs["ds"])
+    for a, b in zip(runs["ds"], runs["mg"], strict=True):
+        for key in ("loss", "nll", "kl", "grad_norm", "group_loss", "null_share", "tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (key, a, b)
