@@ -28,6 +28,9 @@ RUNS = {  # name: (engine, ep, engine config)
     "zero2_ep1": ("deepspeed", 1, {"zero_stage": 2}),
     "zero3_ep1": ("deepspeed", 1, {"zero_stage": 3}),
     "zero2_offload_ep1": ("deepspeed", 1, {"zero_stage": 2, "offload_optimizer": True}),
+    # GLM (MLA, shared expert, router expert bias updated after every step)
+    "glm_megatron_ep2": ("megatron", 2, None),
+    "glm_zero2_ep2": ("deepspeed", 2, {"zero_stage": 2}),
 }
 RESUME_AT = 3
 
@@ -78,13 +81,14 @@ def _export(save_dir, out_dir):
     save_hf_pretrained(model, out_dir, assets_dir=assets_dir(save_dir), null=model.zeda_null)
 
 
-def _job(rank, world, hf_dir, tmp):
+def _job(rank, world, hf_dirs, tmp):
     from zeda_megatron.distributed import init_parallel
     from zeda_megatron.training import checkpoint
 
     out = {}
     for name, (engine_name, ep, cfg) in RUNS.items():
         init_parallel(ep=ep, seed=0)
+        hf_dir = hf_dirs["glm" if name.startswith("glm") else "qwen3"]
         engine = _build(hf_dir, engine_name, cfg)
         rows = []
         for step in range(STEPS):
@@ -112,11 +116,11 @@ def _job(rank, world, hf_dir, tmp):
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    from bridge_fixtures import QWEN3, make_tiny_hf
+    from bridge_fixtures import GLM, QWEN3, make_tiny_hf
 
     tmp = tmp_path_factory.mktemp("ds")
-    hf_dir = make_tiny_hf(QWEN3, str(tmp / "hf"))
-    results = run_distributed(_job, 2, hf_dir, str(tmp))
+    hf_dirs = {"qwen3": make_tiny_hf(QWEN3, str(tmp / "hf")), "glm": make_tiny_hf(GLM, str(tmp / "hf_glm"))}
+    results = run_distributed(_job, 2, hf_dirs, str(tmp))
     return {"ranks": results, "tmp": tmp}
 
 
@@ -128,7 +132,7 @@ def _close(a, b, keys=("loss", "nll", "kl", "grad_norm", "lr", "group_loss", "nu
 
 @pytest.mark.parametrize("run, reference", [("zero1_ep2", "megatron_ep2"), ("zero2_ep2", "megatron_ep2"),
                                             ("zero2_ep1", "megatron_ep1"), ("zero3_ep1", "megatron_ep1"),
-                                            ("zero2_offload_ep1", "megatron_ep1")])
+                                            ("zero2_offload_ep1", "megatron_ep1"), ("glm_zero2_ep2", "glm_megatron_ep2")])
 def test_first_losses_equal_megatron(job, run, reference):
     r0 = job["ranks"][0]
     ref = r0[reference]["rows"]
