@@ -144,6 +144,10 @@ wait_child() {  # wait for CHILD, repeating its last progress line every PROGRES
       last=$SECONDS
       local line
       line=$(grep -E '^(step [0-9]+/|\[generate\]|\[eval|.*[0-9]+/[0-9]+.*(eta|ETA))' "$log" 2>/dev/null | tail -n1)
+      if [[ $line =~ ([0-9]+)/([0-9]+)\ \(([0-9.]+)\ prompts/s\) ]]; then   # generation: add the ETA
+        line+=$(awk -v d="${BASH_REMATCH[1]}" -v n="${BASH_REMATCH[2]}" -v r="${BASH_REMATCH[3]}" \
+          'BEGIN { if (r > 0) { s = int((n - d) / r); printf " | eta %d:%02d:%02d", s / 3600, s % 3600 / 60, s % 60 } }')
+      fi
       [ -n "$line" ] && [ "$line" != "$SHOWN" ] && say "  $CUR: $line"
       SHOWN=$line
     fi
