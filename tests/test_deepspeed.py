@@ -105,6 +105,8 @@ def _job(rank, world, hf_dirs, tmp):
             save_dir = os.path.join(tmp, name)
             checkpoint.save(engine, STEPS, save_dir, extra={"hf_dir": hf_dir, "seed": 0})
             _export(save_dir, os.path.join(tmp, name + "_hf"))
+        if name == "megatron_ep1":  # the EP=2 DeepSpeed checkpoint exported at EP=1 (experts re-mapped)
+            _export(os.path.join(tmp, "zero2_ep2"), os.path.join(tmp, "zero2_ep2_at_ep1_hf"))
         if name == "zero2_ep2":  # a fresh engine resumed from step 3 (DeepSpeed's load_checkpoint)
             fresh = _build(hf_dir, engine_name, cfg)
             meta = checkpoint.load(fresh, checkpoint.latest(os.path.join(tmp, "resume")))
@@ -167,7 +169,8 @@ def test_zero2_optimizer_state_is_about_half_per_rank(job):
         assert not r["zero2_ep1"]["ds_cpu_offload"]
 
 
-@pytest.mark.parametrize("run, reference", [("zero2_ep2", "megatron_ep2"), ("zero3_ep1", "megatron_ep1")])
+@pytest.mark.parametrize("run, reference", [("zero2_ep2", "megatron_ep2"), ("zero3_ep1", "megatron_ep1"),
+                                            ("zero2_ep2_at_ep1", "megatron_ep2")])
 def test_deepspeed_checkpoint_exports_like_megatron(job, run, reference):
     from bridge_fixtures import hf_logits
 
