@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--reps", type=int, default=9)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--null-logit-bias", type=float, default=None, help="compute dial for the adapted model")
     return p.parse_args(argv)
@@ -73,16 +73,18 @@ def time_model(model, prompts, new_tokens):
     import torch
 
     with torch.no_grad():
-        t0 = time.perf_counter()
-        out = model(input_ids=prompts, use_cache=True)
-        t1 = time.perf_counter()
+        best = float("inf")
+        for _ in range(3):  # the prefill is short: best of 3
+            t0 = time.perf_counter()
+            out = model(input_ids=prompts, use_cache=True)
+            best = min(best, time.perf_counter() - t0)
         past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         t2 = time.perf_counter()
         for _ in range(new_tokens):
             out = model(input_ids=nxt, past_key_values=past, use_cache=True)
             past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         t3 = time.perf_counter()
-    return t1 - t0, t3 - t2
+    return best, t3 - t2
 
 
 def run(args) -> dict:

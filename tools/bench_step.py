@@ -36,12 +36,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _default_overrides() -> list[str]:
+def _default_overrides(work: str) -> list[str]:
+    from zeda_megatron.embedded import corpus
+
+    data = os.path.join(work, "text.jsonl")
+    corpus.write_stage1_data(data, n=128, seed=0, mode="text")  # held-in text: code and arithmetic
     cands = sorted(glob.glob(os.path.join(ROOT, ".cache", "zeda", "teacher_glm_demo_s*")))
     if not cands:
         raise SystemExit("no demo teacher in .cache/zeda (run `python -m zeda_megatron.demo`), or pass "
                          "overrides, e.g. `-- model=tiny_glm`")
-    return ["model=embedded_glm", f"model.hf_dir={cands[0]}", "trainer.seq_length=128", "trainer.micro_batch_size=4",
+    return ["model=embedded_glm", f"model.hf_dir={cands[0]}", f"data.path={data}", "trainer.seq_length=128", "trainer.micro_batch_size=4",
             "trainer.global_batch_size=16"]
 
 
@@ -67,9 +71,10 @@ def _port() -> int:
 
 
 def run(args) -> dict:
-    overrides = args.overrides or _default_overrides()
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or tmp
+        os.makedirs(out, exist_ok=True)
+        overrides = args.overrides or _default_overrides(out)
         distill = _run(args, os.path.join(out, "distill"), overrides + ["stage.kl_weight=1.0", "stage.nll_weight=0.0"])
         student = _run(args, os.path.join(out, "student_only"), overrides + ["stage.kl_weight=0.0", "stage.nll_weight=1.0"])
     ratio = distill / student
