@@ -87,7 +87,7 @@ def run(cfg) -> dict:
     from zeda_megatron.training.build import build_engine
     from zeda_megatron.training.distill import LossSpec
     from zeda_megatron.training.moe_metrics import group_loss, null_metrics
-    from zeda_megatron.training.step import model_device, train_step
+    from zeda_megatron.training.step import train_step
     from zeda_megatron.training.metrics import MetricsWriter, ProgressPrinter, WandbLogger, save_resolved_config
     from zeda_megatron.training.validate import validate_config
 
@@ -152,18 +152,27 @@ def run(cfg) -> dict:
                               max_steps=int(cfg.trainer.max_steps))
     last = {}
     save_interval = int(cfg.trainer.save_interval)
+    # stage.offload_while_sampling: auto = on where training memory is on a GPU and the engine is megatron's
+    offload_setting = str(stage.get("offload_while_sampling", "auto")).lower()
+    offload_rollout = (offload_setting == "true" or (offload_setting == "auto" and not on_cpu())) \
+        and engine_cfg.get("name", "megatron") == "megatron"
     for step, micro in enumerate(batches, start=start):
         t0 = time.time()
         replay = None
         if stage.name == "opd":
-            from zeda_megatron.training.opd import record_routing, sample
+            from zeda_megatron.training.rollout import offloaded, sample
 
             prompts = [prompts_of(mb, repeat=n_samples) for mb in micro]
-            gen = torch.Generator(device=model_device()).manual_seed(int(cfg.seed) * 1_000_003 + step * 1009 + dp_rank)
-            micro = sample(engine, prompts, max_new_tokens=int(stage.max_new_tokens), temperature=float(stage.temperature),
-                           eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=gen)
-            if stage.router_replay:
-                replay = record_routing(engine, micro, pad_id=tokenizer.pad_id)
+            # a CPU generator seeded alike on the ranks of one replica (the sampler draws on every rank)
+            gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + step * 1009 + dp_rank)
+            # KV-cached sampling on the live student; its routing is recorded while sampling and replayed
+            # in the training forward. Grad buffers and optimizer state leave the GPU meanwhile.
+            with offloaded(engine.ddp, engine.optimizer, enabled=offload_rollout):
+                rollout = sample(engine.student, prompts, max_new_tokens=int(stage.max_new_tokens),
+                                 temperature=float(stage.temperature), top_p=float(stage.get("top_p", 1.0)),
+                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=gen,
+                                 record_routing=bool(stage.router_replay))
+            micro, replay = rollout.batches, rollout.replay
         out = train_step(engine, micro, replay=replay, pad_id=tokenizer.pad_id)
         routing = null_metrics(engine)
         elapsed = time.time() - t0

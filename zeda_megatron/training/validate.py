@@ -176,6 +176,12 @@ def validate_config(cfg, world_size: int, check_data: bool = True) -> RunPlan:
     _num(cfg, "stage.temperature", lo=0, lo_open=True)
     max_new = _int(cfg, "stage.max_new_tokens", minimum=1)
     spp = _int(cfg, "stage.samples_per_prompt", minimum=1)
+    top_p = _get(cfg, "stage.top_p", 1.0)
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ConfigError(f"stage.top_p={top_p!r} must be a number in (0, 1] (1: no nucleus cut)")
+    if str(_get(cfg, "stage.offload_while_sampling", "auto")).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"stage.offload_while_sampling={_get(cfg, 'stage.offload_while_sampling')!r}: "
+                          "use auto (on GPUs), true or false")
 
     # ---- trainer -------------------------------------------------------------------------------------
     max_steps = _int(cfg, "trainer.max_steps", minimum=1)
