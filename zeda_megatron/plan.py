@@ -188,6 +188,7 @@ class Settings:
     zero_stage: int = 0  # engine=deepspeed: ZeRO stage 1/2/3
     ds_offload_optimizer: bool = False
     ds_offload_param: bool = False
+    offload_while_sampling: bool = False  # stage.offload_while_sampling: grads + optimizer leave the GPU while sampling
     notes: list = field(default_factory=list)
 
 
@@ -307,6 +308,9 @@ def settings_of(cfg, world: int | None = None, gpu_gb=None, *, on_gpu: bool | No
         offload_fraction=float(_get(cfg, "optim.optimizer_offload_fraction", 1.0)),
         rollout_batch=mbs, gpu_bytes=gpu_memory_bytes(cfg, gpu_gb), z=z,
         on_gpu=on_gpu,
+        offload_while_sampling=not ds and stage == "opd" and (
+            str(_get(cfg, "stage.offload_while_sampling", "auto")).lower() == "true"
+            or (str(_get(cfg, "stage.offload_while_sampling", "auto")).lower() == "auto" and on_gpu)),
     )
 
 
@@ -407,17 +411,21 @@ def memory_plan(cfg, world: int | None = None, gpu_gb=None, *, on_gpu: bool | No
             per_token_layer = s.heads // st.tp * (s.qk_nope + s.qk_rope + s.v_head) * 2
         else:
             per_token_layer = max(1, s.kv_heads // st.tp) * s.head_dim * 2 * 2
-        kv = st.rollout_batch * st.seq * len(per_stage_layers) * per_token_layer
-        decode = st.rollout_batch * s.vocab * 4 * 2  # sampling logits (full vocabulary, fp32)
-        parts["rollout_kv_cache"] = int(kv + decode)
+        per_sequence = st.seq * len(per_stage_layers) * per_token_layer + s.vocab * 4 * 2  # + sampling logits
+        parts["rollout_kv_cache"] = int(st.rollout_batch * per_sequence)
     else:
+        per_sequence = 0
         parts["rollout_kv_cache"] = 0
     gpu = st.gpu_bytes
     parts["reserve"] = int(RESERVE_FIXED + RESERVE_FRACTION * (gpu or 80 * GB))
     static = sum(parts[k] for k in ("student_params", "student_grads", "optimizer_states", "teacher_params", "reserve"))
     train_peak = parts["activations"] + parts["loss_logits"]
-    peak = static + max(train_peak, parts["rollout_kv_cache"])
+    # while sampling, the grad buffers and the optimizer states on the GPU are offloaded (training/rollout.offloaded)
+    rollout_static = static - (parts["student_grads"] + parts["optimizer_states"] if st.offload_while_sampling else 0)
+    peak = max(static + train_peak, rollout_static + parts["rollout_kv_cache"])
     fits = None if gpu is None else peak <= gpu
+    # the largest decode batch (sequences of seq_length decoded together per rank) that fits while sampling
+    rollout_batch_max = int((gpu - rollout_static) // per_sequence) if (gpu and per_sequence) else None
     plan = {
         "total_params": counts["original"],
         "student_params": counts["student"],
@@ -441,7 +449,9 @@ def memory_plan(cfg, world: int | None = None, gpu_gb=None, *, on_gpu: bool | No
                      "offload_param": st.ds_offload_param,
                      "recompute": st.recompute or "none", "distributed_optimizer": st.dist_opt,
                      "optimizer_cpu_offload": st.offload, "optimizer_offload_fraction": st.offload_fraction if st.offload else 0.0,
-                     "rollout_batch": st.rollout_batch if st.stage == "opd" else 0, "null_experts": st.z,
+                     "rollout_batch": st.rollout_batch if st.stage == "opd" else 0,
+                     "rollout_batch_max": rollout_batch_max if st.stage == "opd" else None,
+                     "offload_while_sampling": st.offload_while_sampling, "null_experts": st.z,
                      "worst_pipeline_stage": worst},
     }
     plan["fixes"] = [] if fits in (None, True) else suggest_fixes(cfg, st, plan, world, gpu_gb, on_gpu)
@@ -573,14 +583,16 @@ def format_table(plan: dict, model_name: str = "") -> str:
         f"CPU offload {se['optimizer_offload_fraction'] if se['optimizer_cpu_offload'] else 'off'}"
         + (f"; engine=deepspeed ZeRO-{se['zero_stage']}, offload optimizer {se['offload_optimizer']}, "
            f"params {se['offload_param']}" if se.get("engine") == "deepspeed" else "")
-        + (f", rollout batch {se['rollout_batch']}" if se["stage"] == "opd" else ""),
+        + (f", rollout batch {se['rollout_batch']} (at most {se['rollout_batch_max']} fit"
+           + (", grads and optimizer offloaded while sampling)" if se.get("offload_while_sampling") else ")")
+           if se["stage"] == "opd" else ""),
         "",
         "| part | GiB per GPU |",
         "|---|---:|",
     ]
     for key, label in ROWS:
         lines.append(f"| {label} | {gib(plan['per_gpu_bytes'][key]).strip()} |")
-    lines.append(f"| **peak (static + max(training, rollout))** | **{gib(plan['gpu_bytes']).strip()}** |")
+    lines.append(f"| **peak (max of the training step and the rollout)** | **{gib(plan['gpu_bytes']).strip()}** |")
     if plan["gpu_capacity_bytes"]:
         lines.append(f"| GPU ({plan['gpu_capacity_bytes'] / GB:.0f} GB) | {gib(plan['gpu_capacity_bytes']).strip()} |")
         lines.append(f"| headroom | {gib(plan['headroom_bytes']).strip()} |")
