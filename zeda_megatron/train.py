@@ -192,7 +192,8 @@ def run(cfg) -> dict:
         done = step + 1 == int(cfg.trainer.max_steps)
         stop = signals.stop_requested_all()
         if done or stop or (save_interval and (step + 1) % save_interval == 0):
-            checkpoint.save(engine, step + 1, save_dir, extra={"run_dir": run_dir, "hf_dir": hf_dir, "seed": int(cfg.seed)})
+            checkpoint.save(engine, step + 1, save_dir, extra={"run_dir": run_dir, "hf_dir": hf_dir, "seed": int(cfg.seed)},
+                            keep=int(cfg.trainer.get("keep_checkpoints", 0)))
         if stop:
             if rank0:
                 log.warning("stopping after step %d on signal; resume with trainer.resume=auto", step + 1)

@@ -4,16 +4,26 @@ Layout: ``SAVE_DIR/iter_0000020/`` (a dist_checkpointing directory: loads under 
 ``SAVE_DIR/latest`` naming the newest complete one. ``latest`` is replaced atomically after every
 rank finished writing, so an interrupted save never hides the previous checkpoint. The teacher is
 not saved: it is the original model, rebuilt from its source.
+
+Retention (``trainer.keep_checkpoints``, ``keep`` below): after a save has completed (``latest``
+replaced), rank 0 deletes older ``iter_*`` folders so that ``keep`` remain, the one just written
+included; never the one just written nor the one ``latest`` names. Folders of later steps (left by a
+run resumed from an earlier checkpoint) are not touched. ``keep=0`` keeps everything.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import shutil
 
 import torch.distributed as dist
 
 LATEST = "latest"
+_ITER = re.compile(r"^iter_(\d+)$")
+log = logging.getLogger(__name__)
 
 
 def _barrier():
@@ -31,8 +41,9 @@ def _sharded_state(engine, is_loading: bool):
     return {"model": model_sd, "optimizer": opt_sd}
 
 
-def save(engine, step: int, save_dir: str, extra: dict | None = None) -> str:
-    """All ranks call. Returns the checkpoint directory."""
+def save(engine, step: int, save_dir: str, extra: dict | None = None, keep: int = 0) -> str:
+    """All ranks call. Returns the checkpoint directory. ``keep`` > 0: then delete older checkpoints
+    (rank 0) so that ``keep`` remain (:func:`prune`)."""
     from megatron.core import dist_checkpointing
 
     from zeda_megatron.bridge.checkpoint import write_meta
@@ -57,8 +68,41 @@ def save(engine, step: int, save_dir: str, extra: dict | None = None) -> str:
         with open(tmp, "w") as f:
             f.write(os.path.basename(path))
         os.replace(tmp, os.path.join(save_dir, LATEST))
+        if keep:
+            prune(save_dir, keep, current=path)
     _barrier()
     return path
+
+
+def prune(save_dir: str, keep: int, current: str | None = None) -> list[str]:
+    """Delete ``iter_*`` folders of ``save_dir`` older than the newest ``keep`` (``current``, the one
+    just written, counts as the newest). Never deletes ``current``, the folder ``latest`` names, or
+    folders of steps after ``current``'s. Returns the deleted paths. Rank 0 only, after the save."""
+    if keep < 1:
+        return []
+    current = current or latest(save_dir)
+    if current is None:
+        return []
+    spared = {os.path.basename(os.path.normpath(p)) for p in (current, latest(save_dir)) if p}
+    m = _ITER.match(os.path.basename(os.path.normpath(current)))
+    if m is None:
+        return []
+    older = sorted((int(mm.group(1)), name) for name in os.listdir(save_dir)
+                   if (mm := _ITER.match(name)) and int(mm.group(1)) < int(m.group(1))
+                   and os.path.isdir(os.path.join(save_dir, name)))
+    doomed = [name for _, name in older[: max(len(older) - (keep - 1), 0)] if name not in spared]
+    deleted = []
+    for name in doomed:
+        path = os.path.join(save_dir, name)
+        try:
+            shutil.rmtree(path)
+            deleted.append(path)
+        except OSError as e:  # a failed delete must not fail the run: the next save retries
+            log.warning("could not delete old checkpoint %s: %s", path, e)
+    if deleted:
+        log.info("deleted %d old checkpoint(s) (trainer.keep_checkpoints=%d): %s", len(deleted), keep,
+                 ", ".join(os.path.basename(p) for p in deleted))
+    return deleted
 
 
 def latest(save_dir: str) -> str | None:

@@ -190,6 +190,7 @@ def validate_config(cfg, world_size: int, check_data: bool = True) -> RunPlan:
     seq = _int(cfg, "trainer.seq_length", minimum=2)
     _int(cfg, "trainer.log_interval", minimum=1)
     _int(cfg, "trainer.save_interval", minimum=0)
+    _int(cfg, "trainer.keep_checkpoints", minimum=0, default=0)  # 0: keep every checkpoint
     if _get(cfg, "trainer.eval_interval") is not None:
         _int(cfg, "trainer.eval_interval", minimum=0)
     _choice(cfg, "trainer.precision", PRECISIONS, " (auto: bf16 on GPU, fp32 on CPU)")
