@@ -1,13 +1,14 @@
 """Device placement: every tensor the trainer hands to the student and the teacher — stage 1's step,
-stage 2's sampling, routing record and step, the metrics — is on the model's device.
+stage 2's sampling (training/rollout.py: prefill, KV-cached decode steps, routing recorded while
+sampling) and its step with that routing replayed, the metrics — is on the model's device.
 
 On a CPU-only machine the model's device and the host are the same memory, so the host is
-emulated: :class:`HostTensor` marks host memory (what the data code builds batches in, and what
-the trainer's own code creates without ``device=`` while :class:`HostDefaultDevice` is active). The
-only way off the host is ``.to(device)`` / ``.cuda()``; an op that mixes a host tensor with a device
-tensor fails as it does on CUDA; a forward pre-hook on both models asserts that no argument is on
-the host. Negative controls prove the checks bite: with the step's move disabled, or a trainer
-helper creating a tensor without ``device=``, the same run fails."""
+emulated: :class:`HostTensor` marks host memory (what the data code builds batches in, what the
+trainer's own code creates without ``device=`` while :class:`HostDefaultDevice` is active, and what
+``.cpu()`` returns). The only way off the host is ``.to(device)`` / ``.cuda()``; an op that mixes a
+host tensor with a device tensor fails as it does on CUDA; a forward pre-hook on both models asserts
+that no argument is on the host. Negative controls prove the checks bite: with the step's move
+disabled, or the sampler creating the position ids it feeds without ``device=``, the same run fails."""
 
 import sys
 
@@ -82,6 +83,8 @@ class HostDefaultDevice(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func is torch.Tensor.cpu and torch.is_tensor(out):  # a copy to the host (sampled ids, records)
+            return out.as_subclass(HostTensor)
         if func in FACTORIES and kwargs.get("device") is None and torch.is_tensor(out) and _called_from_trainer():
             out = out.as_subclass(HostTensor)
         return out
@@ -113,7 +116,7 @@ def _run(engine_sft, engine_opd):
     from trainer_fixtures import batch_of
 
     from zeda_megatron.training.moe_metrics import group_loss, null_metrics
-    from zeda_megatron.training.opd import record_routing, sample
+    from zeda_megatron.training.rollout import sample
     from zeda_megatron.training.step import train_step
 
     gen = torch.Generator().manual_seed(3)
@@ -123,12 +126,13 @@ def _run(engine_sft, engine_opd):
         assert isinstance(torch.arange(3), torch.Tensor)  # (the mode only marks the trainer's tensors)
         out = train_step(engine_sft, [host_batch])
         null_metrics(engine_sft), group_loss(engine_sft, 1)
-        batches = sample(engine_opd, [[[5, 9, 11], [7, 20, 21, 22]]], max_new_tokens=3, temperature=1.0,
-                         eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(0))
-        replay = record_routing(engine_opd, batches)
-        train_step(engine_opd, batches, replay=replay)
+        r = sample(engine_opd.student, [[[5, 9, 11], [7, 20, 21, 22]]], max_new_tokens=3, temperature=1.0,
+                   eos_id=-1, pad_id=0, generator=torch.Generator().manual_seed(0))
+        assert r.replay is not None and r.forwards >= 3  # prefill + decode steps
+        assert all(isinstance(t, HostTensor) for t in r.batches[0].values())  # batches come back on the host
+        train_step(engine_opd, r.batches, replay=r.replay)
         null_metrics(engine_opd), group_loss(engine_opd, 1)
-    return out
+    return dict(out, forwards=r.forwards)
 
 
 def _expect_failure(fn):
@@ -142,7 +146,10 @@ def _expect_failure(fn):
 def _worker(rank, world, hf_dir):
     from trainer_fixtures import make_engine
 
-    import zeda_megatron.training.opd as opd
+    import inspect
+    import textwrap
+
+    import zeda_megatron.training.rollout as rollout
     import zeda_megatron.training.step as step
     from zeda_megatron.distributed import init_parallel
 
@@ -151,7 +158,8 @@ def _worker(rank, world, hf_dir):
     opd_engine = make_engine(hf_dir, stage="opd", kl_weight=1.0, nll_weight=0.0, lr=1e-3)
     calls_sft, calls_opd = _install_checks(sft), _install_checks(opd_engine)
     out = _run(sft, opd_engine)
-    result = {"loss": out["loss"], "calls_sft": dict(calls_sft), "calls_opd": dict(calls_opd)}
+    result = {"loss": out["loss"], "forwards": out["forwards"], "calls_sft": dict(calls_sft),
+              "calls_opd": dict(calls_opd)}
     # negative control 1: the step does not move the batch
     good = step.to_device
     step.to_device = lambda batch, device: dict(batch)
@@ -159,16 +167,18 @@ def _worker(rank, world, hf_dir):
         result["no_move"] = _expect_failure(lambda: _run(sft, opd_engine))
     finally:
         step.to_device = good
-    # negative control 2: a trainer helper builds its tensor without device= (as opd's own code would)
-    good = opd._row_padding
-    ns = {"__name__": opd.__name__, "torch": torch}
-    exec("def _row_padding(real_len, length):\n"
-         "    return torch.arange(length).unsqueeze(0) >= real_len.unsqueeze(1)\n", ns)
-    opd._row_padding = ns["_row_padding"]
+    # negative control 2: the sampler builds the position ids it hands to the model without device=
+    good = rollout._Pipeline.forward
+    src = textwrap.dedent(inspect.getsource(good))
+    line = "torch.arange(start, start + s, device=self.device)"
+    assert line in src, "rollout's forward changed: update this negative control"
+    ns = dict(vars(rollout))  # the sampler's own globals (and module name)
+    exec(src.replace(line, "torch.arange(start, start + s)"), ns)
+    rollout._Pipeline.forward = ns["forward"]
     try:
         result["no_device"] = _expect_failure(lambda: _run(sft, opd_engine))
     finally:
-        opd._row_padding = good
+        rollout._Pipeline.forward = good
     return result
 
 
@@ -184,7 +194,9 @@ def test_every_tensor_handed_to_the_models_is_on_their_device(result):
     assert torch.isfinite(torch.tensor(result["loss"]))
     # stage 1 (forward KL: the teacher runs) and stage 2 (sampling passes, routing record, step)
     assert result["calls_sft"]["student"] >= 1 and result["calls_sft"]["teacher"] >= 1
-    assert result["calls_opd"]["student"] >= 3 + 1 + 1 and result["calls_opd"]["teacher"] >= 1
+    # stage 2: every sampling forward (prefill, decode steps) went through the check, then the step
+    assert result["forwards"] >= 3 and result["calls_opd"]["student"] == result["forwards"] + 1
+    assert result["calls_opd"]["teacher"] >= 1
 
 
 def test_the_device_check_fails_when_a_batch_is_not_moved(result):

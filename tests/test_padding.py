@@ -1,6 +1,8 @@
 """Pads never count: a right-padded batch leaves each sequence's loss, routing (recorded top-k), null
 share, group loss and gradient equal to that sequence alone — stage 1 (sft with forward KL, both
-model families) and stage 2 (on-policy samples of prompts of different lengths in one batch).
+model families) and stage 2 (on-policy samples of prompts of different lengths in one batch, drawn
+by the trainer's KV-cached sampler, training/rollout.py, and trained with the routing it recorded
+while sampling replayed).
 
 Pad positions hold random garbage tokens and labels, so any leak (attention, router statistics,
 group loss, loss) would show."""
@@ -14,9 +16,7 @@ REL = 1e-5
 
 
 def _routing(engine, batch):
-    from trainer_fixtures import rows_routing
-
-    from zeda_megatron.training.opd import record_routing
+    from trainer_fixtures import record_routing, rows_routing
 
     rec = record_routing(engine, [batch])[0]
     b, s = batch["tokens"].shape
@@ -57,27 +57,32 @@ def _stage1(hf_dir, family):
 
 
 def _stage2(hf_dir):
-    from trainer_fixtures import make_engine, step_metrics
+    from trainer_fixtures import make_engine, replay_rows, rows_routing, step_metrics
 
-    from zeda_megatron.training.opd import record_routing, sample
+    from zeda_megatron.training.rollout import sample
 
     engine = make_engine(hf_dir, stage="opd", kl_weight=1.0, nll_weight=0.0, lr=0.0)
     p1, p2 = [5, 9, 11], [7, 20, 21, 22, 23, 40]
-    kw = dict(max_new_tokens=5, temperature=1e-6, eos_id=-1, pad_id=0)
 
-    def draw(prompts):
-        return sample(engine, [prompts], generator=torch.Generator().manual_seed(0), **kw)[0]
+    def draw(prompts):  # greedy, as train.py samples (router replay recorded while sampling)
+        r = sample(engine.student, [prompts], max_new_tokens=5, temperature=0.0, eos_id=-1, pad_id=0)
+        assert r.replay is not None and len(r.batches) == len(r.replay) == 1
+        return r.batches[0], r.replay[0]
 
-    s1, s2, s12 = draw([p1]), draw([p2]), draw([p1, p2])
-    cpu = lambda d: {k: v.cpu() for k, v in d.items()}  # noqa: E731
-    out = {"s1": cpu(s1), "s2": cpu(s2), "s12": cpu(s12)}
+    (s1, rp1), (s2, rp2), (s12, rp12) = draw([p1]), draw([p2]), draw([p1, p2])
+    out = {"s1": s1, "s2": s2, "s12": s12}
 
-    def metrics(batch):
-        return step_metrics(engine, [batch], replay=record_routing(engine, [batch]))
+    def metrics(batch, replay):
+        return step_metrics(engine, [batch], replay=[replay])
 
-    out["m1"], out["m2"], out["m12"] = metrics(s1), metrics(s2), metrics(s12)
-    out["m1_padded"] = metrics(_row(s12, 0))  # p1's sequence padded to the joint length
-    out["m12_loss1"] = metrics(_only_row(s12, 0))
+    out["m1"], out["m2"], out["m12"] = metrics(s1, rp1), metrics(s2, rp2), metrics(s12, rp12)
+    # p1's sequence padded to the joint length
+    out["m1_padded"] = metrics(_row(s12, 0), replay_rows(rp12, 2, slice(0, 1)))
+    out["m12_loss1"] = metrics(_only_row(s12, 0), rp12)
+    # routing recorded while sampling (what the training forward replays) and a free forward's
+    out["replay_1"] = rows_routing(rp1, 1, s1["tokens"].shape[1])
+    out["replay_2"] = rows_routing(rp2, 1, s2["tokens"].shape[1])
+    out["replay_12"] = rows_routing(rp12, 2, s12["tokens"].shape[1])
     out["route_1"], out["route_2"], out["route_12"] = _routing(engine, s1), _routing(engine, s2), _routing(engine, s12)
     return out
 
@@ -140,8 +145,11 @@ def test_stage2_padding_changes_nothing(results):
     for k in ("tokens", "labels", "loss_mask"):
         assert torch.equal(s12[k][0, :n1], s1[k][0]), k
         assert torch.equal(s12[k][1], s2[k][0]), k
+    # rollout's padding_mask is True from each row's last token on: row j's inputs are its own
+    # tokens[:real_len-1] (the last token is only a label); a row that fills S has no pads
     assert s12["padding_mask"][0].tolist() == [False] * n1 + [True] * (n2 - n1)
     assert not s12["padding_mask"][1].any() and s12["loss_mask"][0, n1:].sum() == 0
+    assert not s1["padding_mask"].any() and not s2["padding_mask"].any()
     assert s1["loss_mask"][0].tolist() == [0, 0] + [1] * 5  # label t is token t+1: the 5 sampled ones
     m1, m2, m12 = r["m1"], r["m2"], r["m12"]
     assert m1["kl"] > 0 and m1["null_slots"] > 0
@@ -151,5 +159,10 @@ def test_stage2_padding_changes_nothing(results):
     assert m12["null_slots"] == m1["null_slots"] + m2["null_slots"]
     assert m12["routed_slots"] == m1["routed_slots"] + m2["routed_slots"]
     assert r["m12_loss1"]["kl"] == pytest.approx(m1["kl"], rel=REL)
-    for l1, l2, l12 in zip(r["route_1"], r["route_2"], r["route_12"]):
-        assert torch.equal(l12[0, :n1], l1[0]) and torch.equal(l12[1], l2[0])
+    assert len(r["replay_1"]) == len(r["route_1"]) > 0
+    for key in ("replay", "route"):
+        for l1, l2, l12 in zip(r[f"{key}_1"], r[f"{key}_2"], r[f"{key}_12"]):
+            assert torch.equal(l12[0, :n1], l1[0]) and torch.equal(l12[1], l2[0]), key
+    # the routing replayed in training is the routing a free forward over the samples chooses (fp32)
+    for a, b in zip(r["replay_12"], r["route_12"]):
+        assert torch.equal(a[0, :n1], b[0, :n1]) and torch.equal(a[1], b[1])

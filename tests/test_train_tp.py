@@ -1,7 +1,8 @@
 """Tensor + sequence parallelism in the trainer (CPU/gloo): the same global batches under TP=1 (DP=4),
 TP=2+SP (DP=2) and TP=2+SP x EP=2 give stage 1's first three losses, grad norms, group losses and
 null shares equal to TP=1's (fp32, rel 1e-5), for tiny GLM (MLA) and tiny Qwen3 models; stage 2
-(greedy on-policy samples, reverse KL) trains under both TP layouts and matches TP=1 too.
+(greedy on-policy samples from the trainer's KV-cached sampler, training/rollout.py, with the routing
+recorded while sampling replayed; reverse KL) trains under both TP layouts and matches TP=1 too.
 
 One 4-rank job runs every layout in turn (the model-parallel groups are rebuilt in the same
 process group). Batch rows have different lengths (right padding) and an odd length (the step pads
@@ -47,7 +48,7 @@ def _run_layout(hf_dir, tp, ep):
     from trainer_fixtures import make_engine, step_metrics
 
     from zeda_megatron.distributed import init_parallel
-    from zeda_megatron.training.opd import record_routing, sample
+    from zeda_megatron.training.rollout import sample
 
     import torch.distributed as dist
 
@@ -67,10 +68,10 @@ def _run_layout(hf_dir, tp, ep):
     per = GLOBAL_ROWS // REPLICAS
     prompts = [PROMPTS[replica * per:(replica + 1) * per]]
     for step in range(2):
-        batches = sample(engine, prompts, max_new_tokens=4, temperature=1e-6, eos_id=-1, pad_id=0,
-                         generator=torch.Generator().manual_seed(step))
-        m = step_metrics(engine, batches, replay=record_routing(engine, batches))
-        m["sampled"] = batches[0]["labels"].cpu()
+        r = sample(engine.student, prompts, max_new_tokens=4, temperature=0.0, eos_id=-1, pad_id=0)
+        assert r.replay is not None
+        m = step_metrics(engine, r.batches, replay=r.replay)
+        m["sampled"], m["length"] = r.responses[0], r.batches[0]["tokens"].shape[1]
         out["stage2"].append(m)
     return out
 
@@ -142,11 +143,13 @@ def test_stage2_trains_under_tp_sp(results, family, layout):
     for step, (a, b) in enumerate(zip(ref, got)):
         assert b["kl"] > 0 and 2 * b["tokens"] == a["tokens"] == 2 * GLOBAL_ROWS * 4
         assert torch.isfinite(torch.tensor(b["grad_norm"])) and b["grad_norm"] > 0
-    # greedy samples: the same tokens as TP=1 (sampled with every forward padded to a multiple of
-    # TP), so the same losses
+    # greedy samples: the same tokens as TP=1 (decoded with SP off, trained at a length padded to a
+    # multiple of TP), so the same losses
     for rank, r in enumerate(results):
         for step in range(2):
-            assert torch.equal(r[(family, layout)]["stage2"][step]["sampled"], r[(family, "tp1")]["stage2"][step]["sampled"])
+            a, b = r[(family, "tp1")]["stage2"][step], r[(family, layout)]["stage2"][step]
+            assert b["sampled"] == a["sampled"] and all(len(x) == 4 for x in a["sampled"])
+            assert b["length"] % 2 == 0 and b["length"] - a["length"] in (0, 1)
     for step, (a, b) in enumerate(zip(ref, got)):
         for key in ("loss", "kl", "grad_norm", "group_loss", "null_share"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (family, layout, step, key, a[key], b[key])

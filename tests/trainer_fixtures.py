@@ -1,5 +1,6 @@
 """Helpers for the trainer tests: an engine on a tiny HF checkpoint, batches in the project's batch
-format built by hand (independently of the package's padding code), per-row views of the routing."""
+format built by hand (independently of the package's padding code), a forward that records the
+routing, per-row views of the routing."""
 
 from __future__ import annotations
 
@@ -49,6 +50,43 @@ def batch_of(seqs: list[list[int]], length: int | None = None, prompt_lens: list
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
             "position_ids": torch.arange(length).unsqueeze(0).expand(b, length).contiguous(),
             "padding_mask": padding_mask}
+
+
+@torch.no_grad()
+def record_routing(engine, batches, pad_id: int = 0) -> list[list[torch.Tensor]]:
+    """Per micro-batch, per MoE layer, the top-k indices a free forward-only pass (student alone, the
+    training step's preparation, megatron-core's RouterReplay RECORD) chooses for ``batches``."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    from zeda_megatron.training.step import model_inputs, prepare_microbatches, run_schedule
+
+    recorded = []
+    engine.wrapper.eval()
+    engine.wrapper.teacher_enabled = False
+    mbs = prepare_microbatches(batches, engine.config, pad_id=pad_id)
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
+    try:
+        def forward_step(data_iterator, model):
+            args, kw = model_inputs(next(data_iterator))
+            out = model(*args, **kw)
+            recorded.append([t.clone() for t in RouterReplay.get_recorded_data()])
+            return out, lambda output, non_loss_data=True: None
+
+        run_schedule(engine, mbs, True, forward_step, seq_length=mbs[0]["tokens"].shape[1], collect_non_loss_data=True)
+    finally:
+        RouterReplay.clear_global_router_replay_action()
+        RouterReplay.clear_global_indices()
+        engine.wrapper.teacher_enabled = True
+    return recorded
+
+
+def replay_rows(replay_mb: list[torch.Tensor], batch_size: int, rows: slice) -> list[torch.Tensor]:
+    """A router-replay micro-batch ([s*b, k] per layer, s-major) cut to the batch rows ``rows``."""
+    out = []
+    for t in replay_mb:
+        k = t.shape[-1]
+        out.append(t.reshape(-1, batch_size, k)[:, rows].reshape(-1, k).contiguous())
+    return out
 
 
 def rows_routing(recorded_layers: list[torch.Tensor], batch_size: int, seq_len: int) -> list[torch.Tensor]:
