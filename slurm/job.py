@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -478,8 +479,12 @@ def phase_complete(plan: dict, name: str) -> bool:
     except (OSError, ValueError):
         return False
     if name in TRAIN_PHASES:
-        done, total = train_progress(os.path.join(plan["run_dir"], name), p.get("max_steps", -1))
-        return total > 0 and done >= total
+        stage_dir = os.path.join(plan["run_dir"], name)
+        done, total = train_progress(stage_dir, p.get("max_steps", -1))
+        # metrics are written before the save: complete only once the last step's checkpoint is there
+        ckpt = _latest_ckpt(stage_dir)
+        m = re.match(r"^iter_(\d+)$", os.path.basename(os.path.normpath(ckpt))) if ckpt else None
+        return total > 0 and done >= total and m is not None and int(m.group(1)) >= total
     return all(os.path.exists(o) for o in p["outputs"])
 
 

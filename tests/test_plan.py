@@ -90,6 +90,15 @@ def test_reference_presets_fit_80gb(model, stage):
     assert bad["fits"] is False
     assert bad["fixes"][:2] == ["trainer.recompute=full",
                                "optim.optimizer_cpu_offload=true optim.optimizer_offload_fraction=1.0"]
+    # full-vocabulary logits of the reference's tokens per micro-batch do not fit either: the fused KL does
+    unfused = P.memory_plan(compose(f"model={model}", "parallel=reference_8gpu", f"stage={stage}",
+                                    "stage.fused_loss=false"), gpu_gb=80, on_gpu=True)
+    assert unfused["fits"] is False and unfused["fixes"] == ["stage.fused_loss=true"]
+    assert unfused["per_gpu_bytes"]["loss_logits"] > 50 * parts["loss_logits"]
+    # while sampling, grads and optimizer states are offloaded: the rollout batch that fits is reported
+    if stage == "opd":
+        assert plan["settings"]["offload_while_sampling"] is True
+        assert plan["settings"]["rollout_batch_max"] >= plan["settings"]["rollout_batch"] == 2
 
 
 def test_per_gpu_split_follows_the_layout():

@@ -60,6 +60,7 @@ GB = 10**9
 RESERVE_FIXED = 4 * GiB
 RESERVE_FRACTION = 0.05
 LOSS_TEMPORARIES = 6  # fp32 [chunk, V/TP] tensors alive per chunk in linear_kl
+UNFUSED_LOSS_FP32_TENSORS = 4  # fp32 [tokens, V/TP] tensors alive at once on the materialised-logits path
 DEFAULT_CHUNK_ELEMENTS = 1 << 23  # linear_kl.DEFAULT_CHUNK_ELEMENTS
 
 
@@ -188,6 +189,7 @@ class Settings:
     zero_stage: int = 0  # engine=deepspeed: ZeRO stage 1/2/3
     ds_offload_optimizer: bool = False
     ds_offload_param: bool = False
+    fused_loss: bool = True  # stage.fused_loss: output layer + losses per token chunk (linear_kl)
     offload_while_sampling: bool = False  # stage.offload_while_sampling: grads + optimizer leave the GPU while sampling
     notes: list = field(default_factory=list)
 
@@ -308,6 +310,7 @@ def settings_of(cfg, world: int | None = None, gpu_gb=None, *, on_gpu: bool | No
         offload_fraction=float(_get(cfg, "optim.optimizer_offload_fraction", 1.0)),
         rollout_batch=mbs, gpu_bytes=gpu_memory_bytes(cfg, gpu_gb), z=z,
         on_gpu=on_gpu,
+        fused_loss=bool(_get(cfg, "stage.fused_loss", False)),
         offload_while_sampling=not ds and stage == "opd" and (
             str(_get(cfg, "stage.offload_while_sampling", "auto")).lower() == "true"
             or (str(_get(cfg, "stage.offload_while_sampling", "auto")).lower() == "auto" and on_gpu)),
@@ -404,7 +407,10 @@ def memory_plan(cfg, world: int | None = None, gpu_gb=None, *, on_gpu: bool | No
     # loss: fused chunked KL on the last stage
     v_local = s.vocab // st.tp
     chunk = max(1, DEFAULT_CHUNK_ELEMENTS // v_local)
-    parts["loss_logits"] = LOSS_TEMPORARIES * min(chunk, t) * v_local * 4 + v_local * s.hidden * 4
+    if st.fused_loss:
+        parts["loss_logits"] = LOSS_TEMPORARIES * min(chunk, t) * v_local * 4 + v_local * s.hidden * 4
+    else:  # materialised: student logits (params dtype) + fp32 copies of both, log-softmax, their gradient
+        parts["loss_logits"] = t * v_local * (pb + UNFUSED_LOSS_FP32_TENSORS * 4)
     # stage-2 rollout KV cache (freed before the training step)
     if st.stage == "opd":
         if s.q_lora:
@@ -499,6 +505,7 @@ def _deepspeed_parts(parts: dict, sp_: dict, s: Shapes, st: Settings) -> tuple[f
 
 _FIX_STEPS = (
     # (setting as the user writes it, the override that applies it, applies when)
+    ("stage.fused_loss=true", {"stage.fused_loss": True}, lambda st: not st.fused_loss),
     ("optim.use_distributed_optimizer=true", {"optim.use_distributed_optimizer": True},
      lambda st: st.on_gpu and not st.dist_opt),
     ("trainer.recompute=full", {"trainer.recompute": "full"}, lambda st: st.recompute != "full"),
@@ -521,6 +528,7 @@ def _with(cfg, overrides: dict):
 
 
 _DS_FIX_STEPS = (  # engine=deepspeed: ZeRO's memory settings instead of megatron's
+    ("stage.fused_loss=true", {"stage.fused_loss": True}, lambda st: not st.fused_loss),
     ("trainer.recompute=full", {"trainer.recompute": "full"}, lambda st: st.recompute != "full"),
     ("engine.zero_stage=3", {"engine.zero_stage": 3}, lambda st: st.zero_stage < 3 and st.ep == 1),
     ("engine.offload_optimizer=true", {"engine.offload_optimizer": True}, lambda st: not st.ds_offload_optimizer),
@@ -559,7 +567,7 @@ ROWS = (
     ("optimizer_states", "optimizer states (on GPU)"),
     ("teacher_params", "teacher parameters (frozen)"),
     ("activations", "activations (training step)"),
-    ("loss_logits", "loss-time logits (chunked KL)"),
+    ("loss_logits", "loss-time logits (chunked KL, or materialised without stage.fused_loss)"),
     ("rollout_kv_cache", "rollout KV cache (stage 2)"),
     ("reserve", "reserve (CUDA/NCCL/fragmentation)"),
 )

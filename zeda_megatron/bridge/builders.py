@@ -133,6 +133,12 @@ def build_model(
                     mod.endswith("layernorm") or hasattr(norm, "layer_norm_weight")
                 ):
                     norm.eps = GLM_LATENT_NORM_EPS
+    from zeda_megatron.platform import on_cpu
+
+    if not on_cpu():
+        # megatron-core creates some tensors on the host (the router weight, buffers registered from
+        # it: our routing counters): move the whole model to this rank's GPU, as Megatron-LM's get_model does
+        model.cuda(torch.cuda.current_device())
     model.zeda_hf_info = info
     model.zeda_null = null
     return model, info, config

@@ -468,6 +468,11 @@ def _has_own_main_params(opt) -> bool:
     param groups are the model's own weights (megatron's offload_to_cpu would move the model)."""
     from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
 
+    cfg = getattr(opt, "config", None)
+    if getattr(cfg, "use_precision_aware_optimizer", False) or getattr(cfg, "optimizer_cpu_offload", False):
+        # precision-aware (and CPU-offloaded) optimizers hold views into the model's param buffer:
+        # offload_to_cpu()'s `p.data = p.data.cpu()` would cut them loose from the model
+        return False
     return isinstance(opt, MixedPrecisionOptimizer)
 
 
@@ -495,7 +500,7 @@ def offload_training_state(ddp, optimizer) -> _Offloaded:
             continue
         for state in inner.state.values():
             for v in state.values():
-                if torch.is_tensor(v) and v.numel() > 1 and v.untyped_storage().size() > 0:
+                if torch.is_tensor(v) and v.numel() > 1 and v.untyped_storage().size() > 0 and (cpu or v.is_cuda):
                     host = v.detach().to("cpu", copy=True)
                     if not cpu:
                         host = host.pin_memory()

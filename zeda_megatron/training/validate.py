@@ -290,6 +290,15 @@ def validate_config(cfg, world_size: int, check_data: bool = True) -> RunPlan:
     except LayoutError as e:
         raise ConfigError(str(e)) from e
     check_engine_config(cfg, tp=tp, pp=pp, ep=ep, sequence_parallel=sp)  # engine=megatron|deepspeed
+    if (stage == "opd" and pp > 1 and bool(_get(cfg, "stage.router_replay", False))
+            and str(_get(cfg, "trainer.recompute")).lower() in ("true", "full")):
+        # megatron-core's REPLAY_FORWARD replays the most recently set indices; under 1F1B the recompute
+        # of micro-batch m runs after later micro-batches' forwards and would replay their routing
+        raise ConfigError(
+            "trainer.recompute=full with stage.router_replay=true and parallel.pp>1 would replay another "
+            "micro-batch's routing in the recomputed forward; use trainer.recompute=selective, "
+            "parallel.pp=1, or stage.router_replay=false"
+        )
     dp = world_size // (tp * pp)
     if gbs % (mbs * dp):
         raise ConfigError(
