@@ -220,7 +220,13 @@ for CUR in "${PHASE_LIST[@]}"; do
   "${JOB[@]}" intro "$RUN" "$CUR" >>"$LOG" 2>&1
   [ -n "$ATOMIC" ] && rm -rf "$ATOMIC.tmp"
   T0=$SECONDS
+  LOG_START=$(stat -c %s "$LOG" 2>/dev/null || echo 0)
   launch "$CUR"
+  # a USR1 that arrived between the launch and CHILD=$! was not forwarded: forward it now
+  if [ "$STOP" = USR1 ]; then
+    if [ -n "${SLURM_JOB_ID:-}" ]; then scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null || kill -USR1 "$CHILD" 2>/dev/null
+    else kill -USR1 "$CHILD" 2>/dev/null; fi
+  fi
   wait_child "$LOG"
   if [ $RC -eq 0 ] && [ -n "$ATOMIC" ]; then
     if [ -d "$ATOMIC.tmp" ]; then rm -rf "$ATOMIC" && mv "$ATOMIC.tmp" "$ATOMIC"; else RC=1; echo "no $ATOMIC.tmp written" >>"$LOG"; fi
@@ -244,8 +250,9 @@ for CUR in "${PHASE_LIST[@]}"; do
     echo "==== $CUR stopped on SIGTERM (exit $RC) ====" >>"$LOG"
     say "phase $PHASE_INDEX $CUR stopped on SIGTERM (exit $RC); to continue, resubmit with job.run_dir=$RUN"; exit 143
   fi
-  if [ $RC -eq 0 ] && [ -n "$TRAIN" ]; then
-    # the ranks got the signal directly (scancel --signal=USR1 <job>), saved and exited cleanly
+  if [ -n "$TRAIN" ] && { [ $RC -eq 0 ] || tail -c +$(( LOG_START + 1 )) "$LOG" | grep -q "stopping after step .* on signal"; }; then
+    # the ranks got the signal directly (scancel --signal=USR1 <job>), saved and stopped (torchrun, which
+    # forwards the signal, exits non-zero: the trainer's own "stopping after step N on signal" line decides)
     requeue "phase $CUR stopped before its last step (a signal reached the ranks)"
   fi
   echo "==== $CUR FAILED (exit $RC) ====" >>"$LOG"
