@@ -1,7 +1,7 @@
 """Baselines at matched expert FLOPs against the adapted (ZEDA) model.
 
     python -m zeda_megatron.evaluate ... evaluate.baselines=true \
-        evaluate.trained.no_teacher=RUN/checkpoints evaluate.trained.zeda_stage1=SFT/checkpoints
+        +evaluate.trained.no_teacher=RUN/checkpoints +evaluate.trained.zeda_stage1=SFT/checkpoints
 
 Every row is scored on the same held-out data as the adapted model (:mod:`zeda_megatron.evaluate`)
 and brought to the adapted model's routed null share (its expert FLOPs) on the held-out chunks:

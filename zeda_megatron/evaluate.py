@@ -1,7 +1,7 @@
 """Evaluate an adapted model against its teacher: expert FLOPs removed, quality, the compute dial.
 
     python -m zeda_megatron.evaluate model=embedded_glm model.hf_dir=TEACHER evaluate.student=STUDENT
-    python -m zeda_megatron.evaluate ... evaluate.baselines=true evaluate.trained.no_teacher=DIR
+    python -m zeda_megatron.evaluate ... evaluate.baselines=true +evaluate.trained.no_teacher=DIR
 
 ``STUDENT`` is an exported Hugging Face directory (``config.json``; PlusPlus remote code) or a
 megatron-core checkpoint (``tools/convert_hf.py`` / the trainer's ``checkpoints``), exported to
