@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from zeda_megatron import evaluate as ev
+from zeda_megatron import scoring as ev
 
 
 # ---- routing transforms over the original routing -----------------------------------------------------
