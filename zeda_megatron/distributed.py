@@ -79,3 +79,11 @@ def destroy_parallel() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def hydra_argv(argv: list[str]) -> list[str]:
+    """Ranks other than 0 compose the same Hydra config but create no output folder of their own."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return argv
+    return argv + ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
+                   "hydra.run.dir=."]

@@ -199,18 +199,12 @@ def run(cfg) -> dict:
     return {"written": written, "total": len(prompts)}
 
 
-def _hydra_argv(argv: list[str]) -> list[str]:
-    """Ranks other than 0 compose the same config but create no output folder of their own."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        return argv
-    return argv + ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled",
-                   "hydra.run.dir=."]
-
-
 def main() -> None:
     import hydra
 
-    sys.argv = _hydra_argv(sys.argv)
+    from zeda_megatron.distributed import hydra_argv
+
+    sys.argv = hydra_argv(sys.argv)
 
     conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 

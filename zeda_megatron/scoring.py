@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from zeda_megatron.embedded.evaluate import char_class, layer_index  # noqa: F401 (re-exported)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN_CLASSES = ("code_punctuation", "identifiers_keywords", "digits", "whitespace", "prose_other")
 DEFAULT_DIAL = (-4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0)
@@ -107,29 +109,6 @@ def routing(model, transform=None):
             if prev is not None:
                 m.route = prev
 
-
-def layer_index(name: str) -> int:
-    parts = name.split(".")
-    for i, p in enumerate(parts):
-        if p == "layers" and i + 1 < len(parts) and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return -1
-
-
-def char_class(text: str, prose: list[bool], a: int, b: int) -> str:
-    s = text[a:b]
-    if not s.strip():
-        return "whitespace"
-    core = s.strip()
-    if core.isdigit():
-        return "digits"
-    if any(prose[a:b]):
-        return "prose_other"
-    if not any(ch.isalnum() or ch == "_" for ch in core):
-        return "code_punctuation"
-    if all(ch.isalnum() or ch == "_" for ch in core):
-        return "identifiers_keywords"
-    return "prose_other"
 
 
 # ---- evaluation data and the teacher's reference figures -------------------------------------------

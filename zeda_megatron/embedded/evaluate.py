@@ -111,7 +111,7 @@ class RoutingRecorder:
             del m.route  # back to the class method
 
 
-def _layer_index(name: str) -> int:
+def layer_index(name: str) -> int:
     parts = name.split(".")
     for i, p in enumerate(parts):
         if p == "layers" and i + 1 < len(parts):
@@ -119,7 +119,7 @@ def _layer_index(name: str) -> int:
     return -1
 
 
-def _char_class(text: str, prose: list[bool], a: int, b: int) -> str:
+def char_class(text: str, prose: list[bool], a: int, b: int) -> str:
     s = text[a:b]
     if not s.strip():
         return "whitespace"
@@ -182,14 +182,14 @@ def evaluate(teacher_dir, student_dir, out_dir: str | None = None, seed: int = 0
         kl_ts += (pt * (lt - ls)).sum().item()
         kl_st += (ps * (ls - lt)).sum().item()
         n_tok += len(tgt)
-        classes = ["whitespace"] + [_char_class(r["text"], r["prose_mask"], a, b) for a, b in offs[1:]]
+        classes = ["whitespace"] + [char_class(r["text"], r["prose_mask"], a, b) for a, b in offs[1:]]
         cls_tokens.update(classes[1:])
         for name, idx_list in rec.records.items():
             if not idx_list:
                 continue
             idx = idx_list[-1]  # [T, K] for this sequence (one forward per chunk)
             null = idx >= rec.num_real[name]
-            li = _layer_index(name)
+            li = layer_index(name)
             layer_null[li] += int(null.sum())
             layer_slots[li] += null.numel()
             per_tok = null.sum(dim=1).tolist()
