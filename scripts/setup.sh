@@ -11,7 +11,8 @@ if [ -f "$stamp" ]; then echo "[setup] $VENV is up to date"; exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 VPY="$VENV/bin/python"
 # pip, quiet, minus known-harmless noise: this machine's local index mirrors, and setuptools' build-backend
-# deprecation banners (SetuptoolsDeprecationWarning blocks framed by "!!" / "****" lines) while building the
+# deprecation banners (SetuptoolsDeprecationWarning blocks framed by "!!" / "****" lines) and its
+# "BuildBackendWarning: Editable installation" notice (+ the source line it quotes) while building the
 # editable install; anything else is shown. Fails when pip fails (then the whole log is shown).
 pipq() {
   local log rc=0
@@ -19,7 +20,8 @@ pipq() {
   "$VPY" -m pip install -q "$@" >"$log" 2>&1 || rc=$?
   if [ $rc -ne 0 ]; then cat "$log" >&2; else
     awk '/^ *!!$/ {skip = !skip; next} skip {next}
-         /SetuptoolsDeprecationWarning|^ *[*][*][*][*][*][*][*][*]+$|^WARNING: Location/ {next} {print}' "$log" >&2
+         /SetuptoolsDeprecationWarning|^ *[*][*][*][*][*][*][*][*]+$|^WARNING: Location/ {next}
+         /BuildBackendWarning: Editable installation/ {getline; next} {print}' "$log" >&2
   fi
   rm -f "$log"
   return $rc
