@@ -161,8 +161,9 @@ def run(args) -> dict:
     # 1. the teacher (cached)
     tdir = os.path.join(cache, f"teacher_{args.family}_{args.preset}_s{args.seed}")
     say(f"1/6 teacher: {tdir}")
-    # OMP_NUM_THREADS, when set, also caps the teacher build (2 spinning threads on a loaded machine crawl)
-    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or None
+    # The teacher is built single-threaded unless OMP_NUM_THREADS says otherwise: its weights differ bitwise
+    # between thread counts, and the README's figures are those of the single-threaded build.
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or 1
     info = teacher.build_teacher(tdir, family=args.family, preset=args.preset, seed=args.seed, threads=threads)
     say(f"    {'reused (cached)' if info.get('cached') else 'trained'}: held-out NLL {info.get('heldout_nll', float('nan')):.3f} "
         f"(random model {info.get('random_nll', float('nan')):.3f}, unigram {info.get('unigram_nll', float('nan')):.3f})")

@@ -99,10 +99,15 @@ def model_config(family: str, p: dict, tok):
     raise ValueError(f"family={family!r}: 'glm' or 'qwen3'")
 
 
-def settings_hash(family: str, preset: str, seed: int, overrides: dict | None = None) -> str:
+def settings_hash(family: str, preset: str, seed: int, overrides: dict | None = None,
+                  threads: int | None = None) -> str:
+    """The teacher's identity. ``threads``: the build's thread count when the caller pins it (the
+    trained weights differ bitwise between 1 and 2 threads)."""
     p = dict(PRESETS[preset], **(overrides or {}))
-    blob = json.dumps({"v": VERSION, "family": family, "preset": preset, "seed": seed, "p": p,
-                       "stdlib": corpus.stdlib_root()}, sort_keys=True)
+    ident = {"v": VERSION, "family": family, "preset": preset, "seed": seed, "p": p, "stdlib": corpus.stdlib_root()}
+    if threads is not None:
+        ident["threads"] = int(threads)
+    blob = json.dumps(ident, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -135,7 +140,7 @@ def build_teacher(out_dir: str, family: str = "glm", preset: str = "demo", seed:
     """Train (or reuse) the tiny teacher at ``out_dir``; returns the info dict stored in the marker
     (``hash``, ``train_seconds``, ``final_loss``, ``heldout_nll``, ``random_nll``, ``unigram_nll``...)."""
     log = log or log_print
-    h = settings_hash(family, preset, seed, overrides)
+    h = settings_hash(family, preset, seed, overrides, threads)
     marker = os.path.join(out_dir, MARKER)
     if os.path.isfile(marker):
         with open(marker) as f:
