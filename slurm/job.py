@@ -106,11 +106,18 @@ def check_inputs(family: str, overrides: list[str]) -> list[str]:
     routed = split_overrides(overrides)
     hf_dir = _value(routed["phase"]["common"], "model.hf_dir", None)
     prompts, responses = routed["inputs"]["prompts"], routed["inputs"]["responses"]
+    if hf_dir in ("null", "???"):
+        hf_dir = None
+    return input_errors(family, hf_dir, prompts, responses)
+
+
+def input_errors(family: str, hf_dir: str | None, prompts: str | None, responses: str | None) -> list[str]:
+    """What is wrong with the job's inputs, each naming the override that fixes it."""
     errors = []
-    if not hf_dir or hf_dir in ("null", "???"):
+    if not hf_dir:
         errors.append(f"model.hf_dir is not set: add model.hf_dir=/path/to/{'GLM-4.7-Flash' if family == 'glm' else 'Qwen3-30B-A3B'} "
                       "(the original model's Hugging Face folder)")
-    elif not os.path.isfile(os.path.join(hf_dir, "config.json")):
+    elif not os.path.isfile(os.path.join(str(hf_dir), "config.json")):
         errors.append(f"model.hf_dir={hf_dir} has no config.json: not a Hugging Face model folder")
     if not prompts:
         errors.append("data.prompts is not set: add data.prompts=/path/to/prompts.jsonl (one {\"prompt\": ...} per line)")
@@ -187,24 +194,12 @@ def build_plan(family: str, run_dir: str, overrides: list[str], dry_run: bool, e
     base = compose([f"run_dir={run_dir}", *common])
     hf_dir = base.model.get("hf_dir") if "hf_dir" in base.model and not _missing(base.model, "hf_dir") else None
     model_name = str(base.model.name)
-    if not hf_dir:
-        errors.append(f"model.hf_dir is not set: add model.hf_dir=/path/to/{'GLM-4.7-Flash' if family == 'glm' else 'Qwen3-30B-A3B'} "
-                      "(the original model's Hugging Face folder)")
-    elif not os.path.isfile(os.path.join(str(hf_dir), "config.json")):
-        errors.append(f"model.hf_dir={hf_dir} has no config.json: not a Hugging Face model folder")
     prompts = inputs["prompts"]
     if prompts:
         inputs["prompts"] = prompts = os.path.abspath(prompts)
     if inputs["responses"]:
         inputs["responses"] = os.path.abspath(inputs["responses"])
-    if not prompts:
-        errors.append("data.prompts is not set: add data.prompts=/path/to/prompts.jsonl (one {\"prompt\": ...} per line)")
-    elif not os.path.isfile(prompts):
-        errors.append(f"data.prompts={prompts} does not exist")
-    elif os.path.getsize(prompts) == 0:
-        errors.append(f"data.prompts={prompts} is empty")
-    if inputs["responses"] and not os.path.isfile(inputs["responses"]):
-        errors.append(f"data.responses={inputs['responses']} does not exist")
+    errors += input_errors(family, hf_dir, prompts, inputs["responses"])
     if inputs_only:
         return {"errors": errors}
     n_prompts = count_prompts(prompts)

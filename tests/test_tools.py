@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
@@ -36,6 +38,8 @@ def test_bench_prints_ratio_table():
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert float(cells[5]) == round(1 - float(cells[1]), 2)
+    figures = json.loads(res.stdout.strip().splitlines()[-1])  # ends with one JSON line of its figures
+    assert [p["rows_ratio"] for p in figures["points"]] == [pytest.approx(1 - p["null_share"]) for p in figures["points"]]
 
 
 def test_generate_responses_writes_continues_and_validates(tmp_path):

@@ -14,6 +14,7 @@ A benchmark, not a test: it prints ratios measured in this run, on this machine.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -110,6 +111,7 @@ def main():
              "",
              "| target null share | measured | time (ms) | time / stock | rows sent | rows / stock |",
              "|---|---|---|---|---|---|"]
+    figures = {"stock_ms": t_stock * 1e3, "stock_rows": rows_stock, "points": []}
     null = NullExpertSettings(args.null_experts)
     layer = build(args, null)
     with torch.no_grad():
@@ -122,8 +124,11 @@ def main():
         t = time_layer(layer, x.to(layer.router.weight.dtype), args)
         rows = layer.routing_stats()["rows_sent"] // (args.warmup + args.iters)
         lines.append(f"| {target:.2f} | {measured:.3f} | {t * 1e3:.1f} | {t / t_stock:.2f} | {rows} | {rows / rows_stock:.2f} |")
+        figures["points"].append({"target_null_share": target, "null_share": measured, "ms": t * 1e3,
+                                  "time_ratio": t / t_stock, "rows_sent": rows, "rows_ratio": rows / rows_stock})
     if rank0:
         print("\n".join(lines), flush=True)
+        print(json.dumps(figures), flush=True)  # the figures, one JSON line (the benchmarks' convention)
     destroy_parallel()
 
 
