@@ -322,7 +322,8 @@ def build_plan(family: str, run_dir: str, overrides: list[str], dry_run: bool, e
         c = cfgs[name]
         t, o = c.trainer, c.optim
         p = plans.get(name)
-        lay_s = (f"TP{p.tp} PP{p.pp} EP{p.ep} ETP{p.etp} DP{p.dp}, {p.num_microbatches} micro-batches/step"
+        lay_s = (f"TP{p.layout.tp} PP{p.layout.pp} EP{p.layout.ep} ETP{p.layout.etp} DP{p.layout.dp}, "
+                 f"{p.trainer.num_microbatches} micro-batches/step"
                  if p else f"TP{c.parallel.tp} PP{c.parallel.pp} EP{c.parallel.ep}")
         spp = int(c.stage.samples_per_prompt)
         intro = [f"stage {n} ({name}): {t.max_steps} steps, global batch {t.global_batch_size}"
@@ -373,9 +374,10 @@ def memory_lines(cfg, world: int, on_cpu: bool) -> list[str]:
         return []
     try:
         from zeda_megatron import plan as mplan
+        from zeda_megatron.spec import resolve
 
-        mp = mplan.memory_plan(cfg, world, on_gpu=not on_cpu)
-        table = mplan.format_table(mp, str(cfg.model.name)).splitlines()
+        spec = resolve(cfg, world, inputs=False, on_gpu=not on_cpu)
+        table = mplan.format_table(mplan.plan_with_fixes(spec), spec.model.name).splitlines()
     except Exception as e:  # noqa: BLE001 - the plan is information here; the trainer checks it for real
         return [f"planned memory: not computed ({type(e).__name__}: {str(e)[:200]})"]
     return ["planned memory (python -m zeda_megatron.plan):"] + ["  " + line for line in table if line.strip()]

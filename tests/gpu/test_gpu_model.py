@@ -84,15 +84,10 @@ def test_grouped_gemm_equals_sequential_experts(family, hf_dirs):
 
 
 def test_memory_plan_reads_this_gpu():
-    from hydra import compose, initialize_config_dir
-
     from zeda_megatron import plan as P
+    from zeda_megatron.spec import compose, resolve
 
-    import os
-
-    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
-    with initialize_config_dir(config_dir=conf, version_base=None):
-        cfg = compose("config", overrides=["run_dir=/tmp/x", "model=tiny_glm"])
-    plan = P.check_fits(cfg, 1)  # parallel.gpu_memory_gb=auto: this GPU's size
+    spec = resolve(compose(["model=tiny_glm"], run_dir="/tmp/x"), 1, inputs=False)
+    plan = P.check_fits(spec)  # parallel.gpu_memory_gb=auto: this GPU's size
     assert plan is not None and plan["fits"] is True
     assert plan["gpu_capacity_bytes"] == torch.cuda.get_device_properties(0).total_memory
