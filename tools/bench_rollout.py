@@ -82,12 +82,17 @@ def response_lengths(n: int, limit: int, sigma: float, seed: int) -> list[int]:
 
 
 def reference_kv_fraction(tp: int = 4) -> dict:
-    """KV bytes per token and layer, GLM-4.7-Flash reference shapes, per TP rank (bf16): full K/V vs latent."""
-    from zeda_megatron.plan.shapes import glm_reference_shapes, rollout_kv_bytes_per_token
+    """KV bytes per token and layer for GLM-4.7-Flash (conf/model/glm47_flash.yaml) per TP rank, bf16:
+    full K/V vs the MLA latent, as the memory plan counts them."""
+    from omegaconf import OmegaConf
 
-    s = glm_reference_shapes()
-    full = rollout_kv_bytes_per_token(s, tp, mla_cache="full", dtype_bytes=2)
-    latent = rollout_kv_bytes_per_token(s, tp, mla_cache="latent", dtype_bytes=2)
+    from zeda_megatron.plan.memory import kv_bytes_per_token_layer
+    from zeda_megatron.plan.shapes import shapes_of
+    from zeda_megatron.spec import compose
+
+    s = shapes_of(OmegaConf.to_container(compose(["model=glm47_flash"], run_dir=".").model.hf_config, resolve=True))
+    full = kv_bytes_per_token_layer(s, tp, "full", 2)
+    latent = kv_bytes_per_token_layer(s, tp, "latent", 2)
     return {"full": full, "latent": latent, "fraction": latent / full, "tp": tp}
 
 
@@ -117,11 +122,17 @@ def run(a) -> dict:
                      "responses": r.responses, "cache_bytes": st.cache_bytes}
         print(f"[bench_rollout] {mode}: {st.forwards} forwards, {st.seconds:.1f} s", flush=True)
     # the tiny model's cache as allocated: latent vs full, same prompts (a short run)
-    tiny = {}
+    from zeda_megatron.plan.memory import kv_bytes_per_token_layer
+    from zeda_megatron.plan.shapes import shapes_of
+
+    tiny, planned = {}, {}
+    shapes = shapes_of(glm_config(a))
     for cache in ("latent", "full"):
         r = sample(model, [prompts[:2]], max_new_tokens=2, eos_id=-1, pad_id=0, temperature=0.0,
                    record_routing=False, mla_cache=cache)
         tiny[cache] = r.stats.cache_bytes
+        # slots 2 + the scratch slot, of prompt + 2 positions, on every layer, fp32
+        planned[cache] = 3 * (a.prompt_len + 2) * a.layers * kv_bytes_per_token_layer(shapes, 1, cache, 4)
     destroy_parallel()
     ref = reference_kv_fraction(4)
     s, f = out["static"], out["refill"]
@@ -146,6 +157,7 @@ def run(a) -> dict:
         "host_syncs_per_step": max(s["host_syncs_per_step"], f["host_syncs_per_step"]),
         "latent_kv_fraction": ref["fraction"], "kv_bytes_per_token_layer": {"full": ref["full"], "latent": ref["latent"]},
         "tiny_latent_kv_fraction": tiny["latent"] / tiny["full"],
+        "tiny_cache_bytes_match_plan": tiny == planned,
         "identical_tokens": s["responses"] == f["responses"],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "setting": {"hidden": a.hidden, "layers": a.layers, "experts": a.experts, "null_experts": a.null_experts,
