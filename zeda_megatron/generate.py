@@ -138,6 +138,41 @@ def prompt_ids(tokenizer, prompts: list[str], chat_template: bool) -> list[list[
     return encode_prompts(tokenizer, prompts, chat_template) if prompts else []
 
 
+AUTO_SLOTS_CPU = 16  # batch_size=auto without a GPU to plan against
+
+
+def auto_slots(cfg, longest_prompt: int) -> int:
+    """batch_size=auto: the largest decode batch whose slots (the longest prompt of any rank +
+    max_new_tokens positions) fit next to this rank's weights on its GPU (the memory plan's
+    inference_decode_batch; every rank gets the same number)."""
+    from zeda_megatron.distributed import comm_device
+    from zeda_megatron.platform import on_cpu
+
+    n = torch.tensor([longest_prompt], device=comm_device())
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    if on_cpu():
+        return AUTO_SLOTS_CPU
+    from zeda_megatron.plan.memory import inference_decode_batch
+    from zeda_megatron.plan.shapes import shapes_of
+
+    if cfg.checkpoint:
+        from zeda_megatron.bridge.checkpoint import read_meta
+
+        hf = read_meta(str(cfg.checkpoint))["hf_config"]
+    else:
+        with open(os.path.join(str(cfg.model.hf_dir), "config.json")) as f:
+            hf = json.load(f)
+    par, seq = cfg.parallel, int(n.item()) + int(cfg.max_new_tokens)
+    slots = inference_decode_batch(shapes_of(hf), tp=int(par.tp), pp=int(par.pp), ep=int(par.ep),
+                                   etp=int(par.get("etp") or par.tp), seq_length=seq,
+                                   param_bytes=_dtype(str(cfg.precision)).itemsize,
+                                   gpu_bytes=torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    if slots < 1:
+        raise ValueError(f"batch_size=auto: not one sequence of {seq} tokens fits next to the weights; lower "
+                         "max_new_tokens or use a larger parallel layout")
+    return slots
+
+
 # ---- the job -------------------------------------------------------------------------------------------
 class OrderedWriter:
     """Rank 0 appends answers in prompt order as they complete (collective: every rank calls
@@ -181,9 +216,9 @@ def run(cfg) -> dict:
     prompts = [r["prompt"] for r in rows]
     if cfg.limit:
         prompts = prompts[: int(cfg.limit)]
-    slots = int(cfg.batch_size)
-    if slots < 1:
-        raise ValueError(f"batch_size={slots}: the decode slots per data-parallel rank must be >= 1")
+    slots = str(cfg.batch_size)
+    if slots != "auto" and (not slots.isdigit() or int(slots) < 1):
+        raise ValueError(f"batch_size={slots}: auto or the decode slots per data-parallel rank (an integer >= 1)")
     tok = _tokenizer(cfg)
     out = str(cfg.output)
     par = cfg.parallel
@@ -208,6 +243,7 @@ def run(cfg) -> dict:
     # a prompt's random stream is keyed by its index: a resumed run samples what an uninterrupted one would
     mine = list(range(start, len(prompts)))[dp_rank::dp]
     ids = prompt_ids(tok, [prompts[i] for i in mine], bool(cfg.chat_template))
+    slots = int(slots) if slots != "auto" else auto_slots(cfg, max(map(len, ids), default=1))
     writer = OrderedWriter(out, prompts, tok, start)
 
     def finished(seqs):

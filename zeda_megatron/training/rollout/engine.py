@@ -43,7 +43,7 @@ class EngineStats:
     host_syncs: int = 0
     seconds: float = 0.0
     cache_bytes: int = 0
-    extra: dict = field(default_factory=dict)
+    step_seconds: list = field(default_factory=list)  # wall time of each step (forward, sampling, host copy)
 
     @property
     def slot_utilisation(self) -> float:
@@ -287,6 +287,7 @@ class Engine:
         ctx = cached_attention(self.gpt, cache, self.mla_cache) if self.cached else contextlib.nullcontext()
         with ctx:
             while True:
+                t_step = time.perf_counter()
                 for slot, seq in slots.admit():
                     if uniforms is not None:
                         uniforms[slot, : seq.limit] = prompt_uniforms(self.seed, seq.key, seq.limit).to(self.device)
@@ -305,6 +306,7 @@ class Engine:
                 self.stats.sampled_tokens += len(tokens)
                 if plan.rows:
                     ended += slots.advance(plan, tokens, logprobs, self.eos_id)
+                self.stats.step_seconds.append(time.perf_counter() - t_step)
                 if on_finished is not None and (not more or self.stats.forwards % every == 0):
                     on_finished(ended)
                     ended = []
