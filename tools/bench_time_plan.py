@@ -70,46 +70,59 @@ class _Count:
         return Count()
 
 
-def measure_cpu(a) -> dict:
-    """This CPU's fp32 matmul FLOP/s, memory bandwidth and host seconds per megatron-core aten op."""
-    import torch
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer import TransformerConfig
+class CpuProbe:
+    """This CPU's fp32 matmul FLOP/s, memory bandwidth and host seconds per megatron-core aten op; each
+    :meth:`measure` is one short sample (the calibration interleaves them with the model's runs)."""
 
-    from zeda_megatron.mcore.specs import gpt_block_spec
-    from zeda_megatron.platform import cpu_config_overrides
+    def __init__(self, a):
+        import torch
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.transformer import TransformerConfig
 
-    x, w = torch.randn(a.mbs * a.seq, a.hidden), torch.randn(a.hidden, 4 * a.hidden)
-    flops = 2 * x.shape[0] * a.hidden * 4 * a.hidden * 10 / _best(lambda: [x @ w for _ in range(10)], a.reps)
-    src = torch.randn(16 * 1024 * 1024)
-    dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() * 4 * 4 / _best(lambda: [dst.copy_(src) for _ in range(4)], a.reps)
-    # a tiny stock GPT with megatron-core's MoE layers (4 experts top-2, alltoall dispatcher): its per-op
-    # host cost includes the Python of megatron's modules and dispatcher, independent of the widths
-    cfg = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, ffn_hidden_size=32,
-                            normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False,
-                            num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=16,
-                            moe_token_dispatcher_type="alltoall", moe_aux_loss_coeff=0.0,
-                            params_dtype=torch.float32, **cpu_config_overrides())
-    probe = GPTModel(cfg, gpt_block_spec(cfg), vocab_size=32, max_sequence_length=64, position_embedding_type="rope")
-    ids, pos = torch.zeros(1, 4, dtype=torch.long), torch.arange(4).view(1, 4)
-    with torch.no_grad():
-        probe(ids, pos, None)
+        from zeda_megatron.mcore.specs import gpt_block_spec
+        from zeda_megatron.platform import cpu_config_overrides
+
+        self.x, self.w = torch.randn(a.mbs * a.seq, a.hidden), torch.randn(a.hidden, 4 * a.hidden)
+        self.src = torch.randn(16 * 1024 * 1024)
+        self.dst = torch.empty_like(self.src)
+        # a tiny stock GPT with megatron-core's MoE layers (4 experts top-2, alltoall dispatcher): its per-op
+        # host cost includes the Python of megatron's modules and dispatcher, independent of the widths
+        cfg = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, ffn_hidden_size=32,
+                                normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False,
+                                num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=16,
+                                moe_token_dispatcher_type="alltoall", moe_aux_loss_coeff=0.0,
+                                params_dtype=torch.float32, **cpu_config_overrides())
+        self.model = GPTModel(cfg, gpt_block_spec(cfg), vocab_size=32, max_sequence_length=64,
+                              position_embedding_type="rope")
+        self.ids, self.pos = torch.zeros(1, 4, dtype=torch.long), torch.arange(4).view(1, 4)
+        with torch.no_grad():
+            self.forward()
+            count = _Count()
+            with count:
+                self.forward()
+        self.forward_ops = count.n
+        self.train()
         count = _Count()
         with count:
-            probe(ids, pos, None)
-        forward = _best(lambda: [probe(ids, pos, None) for _ in range(50)], a.reps) / 50
+            self.train()
+        self.train_ops = count.n
 
-    def train():  # forward + backward, as a training step runs them
-        probe(ids, pos, None, labels=ids).sum().backward()
+    def forward(self):
+        import torch
 
-    train()
-    count_train = _Count()
-    with count_train:
-        train()
-    step = _best(lambda: [train() for _ in range(20)], a.reps) / 20
-    return {"matmul_flops": flops, "memory_bytes_s": bandwidth, "host_op_s": forward / count.n,
-            "host_train_op_s": step / count_train.n}
+        with torch.no_grad():
+            self.model(self.ids, self.pos, None)
+
+    def train(self):  # forward + backward, as a training step runs them
+        self.model(self.ids, self.pos, None, labels=self.ids).sum().backward()
+
+    def measure(self) -> dict:
+        n = self.x.shape[0] * self.w.shape[0] * self.w.shape[1] * 2 * 10
+        return {"matmul_flops": n / _best(lambda: [self.x @ self.w for _ in range(10)], 2),
+                "memory_bytes_s": 2 * self.src.numel() * 4 * 4 / _best(lambda: [self.dst.copy_(self.src)
+                                                                            for _ in range(4)], 2),
+                "host_op_s": _best(lambda: [self.forward() for _ in range(20)], 2) / 20 / self.forward_ops,
+                "host_train_op_s": _best(lambda: [self.train() for _ in range(10)], 2) / 10 / self.train_ops}
 
 
 def _hf_overrides(a, family: str) -> list[str]:
@@ -130,21 +143,13 @@ def _hf_overrides(a, family: str) -> list[str]:
             "model.hf_config.mlp_only_layers=[0]", f"model.hf_config.head_dim={h // heads}"]
 
 
-def calibrate(a, family: str) -> dict:
-    """Measure the CPU spec, then the family's train and decode steps right after it (a shared machine's
-    load changes over minutes: each model is compared with the spec measured next to it)."""
-    from zeda_megatron.plan.devices import DeviceSpec
-
-    cpu = measure_cpu(a)
-    dev = DeviceSpec("this CPU (1 thread, measured)", cpu["matmul_flops"], cpu["memory_bytes_s"], 0.0,
-                     host_op_s=cpu["host_op_s"], host_train_op_s=cpu["host_train_op_s"], async_host=False,
-                     matmul_efficiency=1.0, memory_efficiency=1.0, collective_latency_s=0.0)
-    return {"cpu": cpu, **_steps(a, family, dev)}
-
-
-def _steps(a, family: str, dev) -> dict:
+def calibrate(a, family: str, probe: CpuProbe) -> dict:
+    """The family's training and decode steps, each run interleaved with a sample of the CPU spec (a
+    shared machine's load changes from second to second): the least disturbed of ``--reps`` samples of
+    each, then the prediction from that spec."""
     import torch
 
+    from zeda_megatron.plan.devices import DeviceSpec
     from zeda_megatron.plan.shapes import shapes_of
     from zeda_megatron.plan.time import decode_step_seconds, train_step_seconds
     from zeda_megatron.spec import compose, resolve
@@ -165,24 +170,30 @@ def _steps(a, family: str, dev) -> dict:
     batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, 1), "loss_mask": torch.ones(a.mbs, a.seq),
              "position_ids": torch.arange(a.seq).expand(a.mbs, a.seq).contiguous(),
              "padding_mask": torch.zeros(a.mbs, a.seq, dtype=torch.bool)}
-    train_step(engine, [batch])
-    measured_train = _best(lambda: train_step(engine, [batch]), a.reps)
-    predicted_train = train_step_seconds(spec, dev, a.mbs * a.seq, a.seq / 2, teacher_forward=False)["seconds"]
     prompts = [[torch.randint(1, a.vocab, (a.prompt,), generator=g).tolist() for _ in range(a.decode_batch)]]
 
     def decode_steps():  # the per-step wall times of the decode steps (the first step is the prefill)
         return sample(engine.student, prompts, max_new_tokens=a.decode_steps, eos_id=-1, pad_id=0, temperature=0.0,
                       record_routing=False).stats.step_seconds[1:]
 
+    train_step(engine, [batch])
     decode_steps()
-    # the least disturbed decode step of all runs (the spec's figures are the least disturbed runs too)
-    measured_decode = min(t for _ in range(a.reps) for t in decode_steps())
+    samples, trains, decodes = [], [], []
+    for _ in range(a.reps):
+        samples.append(probe.measure())
+        trains.append(_best(lambda: train_step(engine, [batch]), 1))
+        decodes.append(min(decode_steps()))
+    cpu = {k: (max if k in ("matmul_flops", "memory_bytes_s") else min)(x[k] for x in samples) for k in samples[0]}
+    dev = DeviceSpec("this CPU (1 thread, measured)", cpu["matmul_flops"], cpu["memory_bytes_s"], 0.0,
+                     host_op_s=cpu["host_op_s"], host_train_op_s=cpu["host_train_op_s"], async_host=False,
+                     matmul_efficiency=1.0, memory_efficiency=1.0, collective_latency_s=0.0)
     s = shapes_of(spec.model.hf_config)
+    predicted_train = train_step_seconds(spec, dev, a.mbs * a.seq, a.seq / 2, teacher_forward=False)["seconds"]
     predicted_decode = decode_step_seconds(
         s, spec.layout, dev, a.decode_batch, a.prompt + a.decode_steps / 2,
         real_topk=s.topk * (1 - spec.model.null.target_share), z=spec.model.null.num, param_bytes=4)["seconds"]
-    return {"train_step": {"predicted_s": predicted_train, "measured_s": measured_train},
-            "decode_step": {"predicted_s": predicted_decode, "measured_s": measured_decode}}
+    return {"cpu": cpu, "train_step": {"predicted_s": predicted_train, "measured_s": min(trains)},
+            "decode_step": {"predicted_s": predicted_decode, "measured_s": min(decodes)}}
 
 
 def main(argv=None) -> int:
@@ -193,9 +204,10 @@ def main(argv=None) -> int:
     from zeda_megatron.distributed import destroy_parallel, init_parallel
 
     init_parallel(seed=0)
+    probe = CpuProbe(a)
     results = {}
     for family in [f for f in a.families.split(",") if f]:
-        results[family] = calibrate(a, family)
+        results[family] = calibrate(a, family, probe)
     destroy_parallel()
     for family, r in results.items():
         cpu = r["cpu"]
