@@ -401,26 +401,3 @@ def test_choose_tokens_greedy_top_p():
     assert choose_tokens(logits, torch.tensor([0.99, 0.0]), 1.0, 0.7).tolist() == [1, 3]
     assert choose_tokens(logits, torch.tensor([0.99, 0.99]), 1.0, 1.0).tolist() == [3, 3]
     assert choose_tokens(logits, torch.tensor([0.6, 0.3]), 1.0, 1.0).tolist() == [1, 3]
-
-
-def test_inference_optimized_is_refused(tmp_path):
-    """megatron-core's inference-optimised MoE would bypass the null-aware dispatcher."""
-    from types import SimpleNamespace
-
-    from zeda_megatron.training.rollout import check_inference_settings
-
-    fake = SimpleNamespace(decoder=None, config=SimpleNamespace(transformer_impl="inference_optimized"),
-                           modules=lambda: [])
-    with pytest.raises(ValueError, match="inference_optimized"):
-        check_inference_settings(fake)
-
-
-def test_choose_tokens_greedy_top_p():
-    from zeda_megatron.training.rollout import choose_tokens
-
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.05, 0.1, 0.8]]))
-    assert choose_tokens(logits, None, 0.0, 1.0).tolist() == [0, 3]
-    # top_p=0.7 keeps {0, 1} in row 0 (0.5 + 0.3 reaches it): u near 1 picks 1, never 2 or 3
-    assert choose_tokens(logits, torch.tensor([0.99, 0.0]), 1.0, 0.7).tolist() == [1, 3]
-    assert choose_tokens(logits, torch.tensor([0.99, 0.99]), 1.0, 1.0).tolist() == [3, 3]
-    assert choose_tokens(logits, torch.tensor([0.6, 0.3]), 1.0, 1.0).tolist() == [1, 3]
