@@ -1,5 +1,5 @@
 """Device placement: every tensor the trainer hands to the student and the teacher — stage 1's step,
-stage 2's sampling (training/rollout.py: prefill, KV-cached decode steps, routing recorded while
+stage 2's sampling (training/rollout/: prefill, KV-cached decode steps, routing recorded while
 sampling) and its step with that routing replayed, the metrics — is on the model's device.
 
 On a CPU-only machine the model's device and the host are the same memory, so the host is
@@ -8,7 +8,7 @@ trainer's own code creates without ``device=`` while :class:`HostDefaultDevice` 
 ``.cpu()`` returns). The only way off the host is ``.to(device)`` / ``.cuda()``; an op that mixes a
 host tensor with a device tensor fails as it does on CUDA; a forward pre-hook on both models asserts
 that no argument is on the host. Negative controls prove the checks bite: with the step's move
-disabled, or the sampler creating the position ids it feeds without ``device=``, the same run fails."""
+disabled, or the sampler handing the model its step's ids from the host, the same run fails."""
 
 import sys
 
@@ -149,7 +149,6 @@ def _worker(rank, world, hf_dir):
     import inspect
     import textwrap
 
-    import zeda_megatron.training.rollout as rollout
     import zeda_megatron.training.step as step
     from zeda_megatron.distributed import init_parallel
 
@@ -167,18 +166,21 @@ def _worker(rank, world, hf_dir):
         result["no_move"] = _expect_failure(lambda: _run(sft, opd_engine))
     finally:
         step.to_device = good
-    # negative control 2: the sampler builds the position ids it hands to the model without device=
-    good = rollout._Pipeline.forward
+    # negative control 2: the sampler hands the model the step's token and position ids without moving
+    # them off the host
+    from zeda_megatron.training.rollout import engine as rollout_engine
+
+    good = rollout_engine.Engine._upload
     src = textwrap.dedent(inspect.getsource(good))
-    line = "torch.arange(start, start + s, device=self.device)"
-    assert line in src, "rollout's forward changed: update this negative control"
-    ns = dict(vars(rollout))  # the sampler's own globals (and module name)
-    exec(src.replace(line, "torch.arange(start, start + s)"), ns)
-    rollout._Pipeline.forward = ns["forward"]
+    line = "return host.to(self.device, non_blocking=True)"
+    assert line in src, "the sampler's upload changed: update this negative control"
+    ns = dict(vars(rollout_engine))  # the sampler's own globals (and module name)
+    exec(src.replace(line, "return host"), ns)
+    rollout_engine.Engine._upload = ns["_upload"]
     try:
         result["no_device"] = _expect_failure(lambda: _run(sft, opd_engine))
     finally:
-        rollout._Pipeline.forward = good
+        rollout_engine.Engine._upload = good
     return result
 
 

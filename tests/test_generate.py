@@ -55,7 +55,7 @@ def teacher(tmp_path_factory):
 def _cmd(t, out, *extra, launcher=None):
     base = launcher or [sys.executable]
     return [*base, "-m", "zeda_megatron.generate", f"model.hf_dir={t['hf']}", "model.hf_config=null",
-            f"data.prompts={t['prompts']}", f"output={out}", f"max_new_tokens={NEW}", "batch_size=1",
+            f"data.prompts={t['prompts']}", f"output={out}", f"max_new_tokens={NEW}", "batch_size=1", "flush_every=4",
             f"hydra.run.dir={t['dir'] / 'runs'}", *extra]
 
 

@@ -107,10 +107,11 @@ def test_reference_presets_fit_80gb(model, stage):
     unfused = plan_of(f"model={model}", "parallel=reference_8gpu", f"stage={stage}", "stage.fused_loss=false")
     assert unfused["fits"] is False and unfused["fixes"] == ["stage.fused_loss=true"]
     assert unfused["per_gpu_bytes"]["loss_logits"] > 50 * parts["loss_logits"]
-    # while sampling, grads and optimizer states are offloaded: the rollout batch that fits is reported
+    # while sampling, grads and optimizer states are offloaded: a whole step's share of sequences per DP rank
+    # (32 / DP 2) decodes together, and more would fit
     if stage == "opd":
         assert plan["settings"]["offload_while_sampling"] is True
-        assert plan["settings"]["rollout_batch_max"] >= plan["settings"]["rollout_batch"] == 2
+        assert plan["settings"]["rollout_batch_max"] > plan["settings"]["rollout_batch"] == 16
 
 
 def test_per_gpu_split_follows_the_layout():

@@ -1,9 +1,16 @@
-"""KV-cached rollouts (zeda_megatron.training.rollout): cached sampling equals prefix recompute
-(greedy and seeded sampling: identical tokens; log-probs rel. 1e-5, fp32) under tp=1, ep=2, pp=2 and
-tp=2+SP; the router-replay indices assembled while sampling are the sampling-time routing, laid out
-in the training forward's token order (a replayed training forward reproduces the sampling
-distribution, and a free forward over the final sequences routes the same); offloading the grad
-buffers and optimizer state while sampling leaves three stage-2 steps bit-identical."""
+"""The stage-2 sampler (zeda_megatron.training.rollout) under tp=1, ep=2, pp=2 and tp=2+SP:
+
+* KV-cached sampling equals prefix recompute through the model's own attention (greedy and seeded
+  sampling: identical tokens; log-probs rel. 1e-5, fp32);
+* refilled slots (fewer slots than prompts, sequences of different lengths, EOS and length limits)
+  equal sampling each prompt alone: tokens, log-probs and the routing recorded while sampling;
+* MLA's latent cache (absorbed decode) equals the full K/V cache (every logit rel. 1e-5, fp32) at
+  TP1 and TP2;
+* the router-replay indices assembled while sampling are the sampling-time routing, laid out in the
+  training forward's token order (a replayed training forward reproduces the sampling distribution,
+  and a free forward over the final sequences routes the same);
+* offloading the grad buffers and optimizer state while sampling leaves three stage-2 steps
+  bit-identical."""
 
 from __future__ import annotations
 
@@ -12,10 +19,11 @@ import torch
 
 from dist_helpers import run_distributed
 
-PROMPTS = [  # right-padded micro-batches of different prompt lengths (forced prompt tokens)
+PROMPTS = [  # micro-batches of different prompt lengths
     [[5, 9, 11, 3, 7], [8, 2], [4, 4, 6, 1]],
     [[12, 13, 14], [15, 16, 17, 18, 19, 20]],
 ]
+LIMITS = [[3, 12, 7], [5, 9]]  # per-prompt response limits: slots free at different steps
 
 
 def _prompts(dp_rank):
@@ -81,48 +89,107 @@ def _replayed_forward(model, batch, replay_mb):
     return lp, free
 
 
-def _layout_worker(rank, world, hf_dir, tp, pp, ep, sp):
-    from megatron.core import parallel_state as ps
+# the same tokens fed step by step into two slots: a 5-token chunk from position 0 and a 1-token prompt,
+# then one token each, then a single token and a 3-token chunk that attends to its cached prefix
+MLA_STEPS = [  # (ids, positions, slots)
+    ([5, 9, 11, 3, 7, 8], [0, 1, 2, 3, 4, 0], [0, 0, 0, 0, 0, 1]),
+    ([20, 21], [5, 1], [0, 1]),
+    ([22, 23, 24, 25], [6, 2, 3, 4], [0, 1, 1, 1]),
+]
 
-    from zeda_megatron.distributed import init_parallel
+
+def _mla_logits(model, mode):
+    """Full-vocabulary logits of every fed token along MLA_STEPS with ``mla_cache=mode`` (PP=1)."""
+    from zeda_megatron.training.rollout.kv_cache import SlotCache, StepInfo, cached_attention
+    from zeda_megatron.training.rollout.model import decoding_mode
+
+    def all_logits(hidden_states, output_layer, output_weight, **_):
+        return output_layer(hidden_states, weight=output_weight, runtime_gather_output=True)[0][:, 0].float()
+
+    cache, out = SlotCache(2, 16), []
+    with torch.no_grad(), decoding_mode(model) as gpt, cached_attention(gpt, cache, mode):
+        for ids, pos, slots in MLA_STEPS:
+            singles = [i for i, s in enumerate(slots) if slots.count(s) == 1]
+            chunks = []
+            for s in sorted(set(slots)):
+                idx = [i for i, x in enumerate(slots) if x == s]
+                if len(idx) > 1:
+                    chunks.append((idx[0], idx[-1] + 1, s, pos[idx[0]]))
+            t = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+            si = t(singles)
+            cache.step = StepInfo(slot=t(slots), pos=t(pos), singles=si, single_slot=t(slots)[si],
+                                  single_len=t(pos)[si] + 1, single_max=max(pos[i] + 1 for i in singles),
+                                  single_contiguous=False, chunks=chunks)
+            out.append(gpt(t(ids).view(1, -1), t(pos).view(1, -1), None, output_processor=all_logits))
+    return torch.cat(out), cache.bytes()
+
+
+def _run(model, prompts, **kw):
     from zeda_megatron.training.rollout import sample
 
-    init_parallel(tp=tp, pp=pp, ep=ep, seed=0)
-    model = _build(hf_dir, sequence_parallel=sp)
-    prompts = _prompts(ps.get_data_parallel_rank())
-    common = dict(max_new_tokens=12, eos_id=127, pad_id=0)
+    r = sample(model, prompts, eos_id=kw.pop("eos_id", 127), pad_id=0, **kw)
+    return {"batches": r.batches, "logprobs": r.logprobs, "responses": r.responses, "forwards": r.forwards,
+            "routing": r.routing, "replay": r.replay, "syncs": r.stats.host_syncs}
+
+
+def _family_worker(model, family, tp, pp):
+    from megatron.core import parallel_state as ps
+
     from zeda_megatron.mcore.specs import moe_layers, routing_stats
 
-    out = {}
+    prompts = _prompts(ps.get_data_parallel_rank())
+    out = {"family": family, "dp_rank": ps.get_data_parallel_rank()}
     before = routing_stats(model)
-    sample(model, prompts[:1], temperature=0.0, **common)
+    _run(model, prompts[:1], max_new_tokens=4, temperature=0.0)
     # sampling leaves the routing counters as they were and the null-aware dispatchers in place
     out["counters_kept"] = routing_stats(model) == before and before["tokens"] == 0
     out["dispatchers"] = {type(m.token_dispatcher).__name__ for m in moe_layers(model)}
-    for name, kw in {"greedy": dict(temperature=0.0), "sampled": dict(temperature=1.0, top_p=0.9)}.items():
+    modes = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=1.0, top_p=0.9)}
+    for mode, kw in modes.items():
         for cache in (True, False):
             gen = torch.Generator().manual_seed(42)
-            r = sample(model, prompts, generator=gen, use_cache=cache, **kw, **common)
-            out[(name, cache)] = {"batches": r.batches, "logprobs": r.logprobs, "responses": r.responses,
-                                  "forwards": r.forwards, "gen_state": gen.get_state()}
-            if cache and name == "sampled":
-                checks = []
-                for b, rep, lp in zip(r.batches, r.replay, r.logprobs):
-                    replay_lp, free = _replayed_forward(model, b, rep)
-                    checks.append({"replay_lp": replay_lp, "sample_lp": lp, "mask": b["loss_mask"],
-                                   "replay": rep, "free": free, "pad": b["padding_mask"]})
-                out["checks"] = checks
-                out["sp_after"] = bool(model.config.sequence_parallel)
+            out[(mode, cache)] = _run(model, prompts, max_new_tokens=12, generator=gen, use_cache=cache, **kw)
+            out[(mode, cache)]["gen_state"] = gen.get_state()
+    # refilled slots: all prompts through 2 slots, then each prompt alone (same seed, same key)
+    flat = [p for mb in prompts for p in mb]
+    limits = [n for mb in LIMITS for n in mb]
+    eos = out[("greedy", True)]["responses"][0][1][3]  # greedy emits it at prompt 1's 4th token: an EOS stop
+    for mode, kw in modes.items():
+        kw = dict(kw, seed=7, eos_id=eos)
+        out[("refill", mode)] = _run(model, [flat], max_new_tokens=[limits], slots=2, token_budget=4, **kw)
+        out[("alone", mode)] = [_run(model, [[p]], max_new_tokens=[[n]], prompt_keys=[j], **kw)
+                                for j, (p, n) in enumerate(zip(flat, limits))]
+    checks = []
+    r = out[("sampled", True)]
+    for b, rep, lp in zip(r["batches"], r["replay"], r["logprobs"]):
+        replay_lp, free = _replayed_forward(model, b, rep)
+        checks.append({"replay_lp": replay_lp, "sample_lp": lp, "mask": b["loss_mask"],
+                       "replay": rep, "free": free, "pad": b["padding_mask"]})
+    out["checks"] = checks
+    out["sp_after"] = bool(model.config.sequence_parallel)
+    if family == "glm4_moe_lite":
+        for mode in ("greedy", "sampled"):
+            out[("mla_full", mode)] = _run(model, prompts, max_new_tokens=12, seed=42, mla_cache="full", **modes[mode])
+            out[("mla_latent", mode)] = _run(model, prompts, max_new_tokens=12, seed=42, **modes[mode])
+        if pp == 1:
+            out["mla_logits"] = {m: _mla_logits(model, m) for m in ("latent", "full")}
     out["last_stage"] = ps.is_pipeline_last_stage()
     out["tp_rank"], out["tp"] = ps.get_tensor_model_parallel_rank(), tp
     return out
 
 
-LAYOUTS = {  # name: (family, world, tp, pp, ep, sp)
-    "tp1": ("glm4_moe_lite", 1, 1, 1, 1, False),
-    "ep2": ("qwen3_moe", 2, 1, 1, 2, False),
-    "pp2": ("glm4_moe_lite", 2, 1, 2, 1, False),
-    "tp2_sp": ("qwen3_moe", 2, 2, 1, 1, True),
+def _layout_worker(rank, world, hf_dirs, tp, pp, ep, sp):
+    from zeda_megatron.distributed import init_parallel
+
+    init_parallel(tp=tp, pp=pp, ep=ep, seed=0)
+    return [_family_worker(_build(hf, sequence_parallel=sp), fam, tp, pp) for fam, hf in hf_dirs]
+
+
+LAYOUTS = {  # name: (families, world, tp, pp, ep, sp)
+    "tp1": (("glm4_moe_lite",), 1, 1, 1, 1, False),
+    "ep2": (("qwen3_moe",), 2, 1, 1, 2, False),
+    "pp2": (("glm4_moe_lite",), 2, 1, 2, 1, False),
+    "tp2_sp": (("qwen3_moe", "glm4_moe_lite"), 2, 2, 1, 1, True),
 }
 
 
@@ -130,9 +197,11 @@ LAYOUTS = {  # name: (family, world, tp, pp, ep, sp)
 def layout_run(request, tmp_path_factory):
     from bridge_fixtures import make_tiny_hf
 
-    family, world, tp, pp, ep, sp = LAYOUTS[request.param]
-    hf = make_tiny_hf(family, str(tmp_path_factory.mktemp(request.param) / "hf"), seed=1)
-    return request.param, run_distributed(_layout_worker, world, hf, tp, pp, ep, sp)
+    families, world, tp, pp, ep, sp = LAYOUTS[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    hfs = [(f, make_tiny_hf(f, str(root / f), seed=1)) for f in families]
+    per_rank = run_distributed(_layout_worker, world, hfs, tp, pp, ep, sp)
+    return request.param, [res for rank in per_rank for res in rank]  # every (rank, family) result
 
 
 def test_cached_sampling_equals_prefix_recompute(layout_run):
@@ -147,11 +216,68 @@ def test_cached_sampling_equals_prefix_recompute(layout_run):
                 assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
             for a, b in zip(cached["logprobs"], recomputed["logprobs"]):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            # the routing recorded while decoding from the cache = while recomputing every prefix
+            for a, b in zip(cached["routing"], recomputed["routing"]):
+                assert all(torch.equal(x, y) for x, y in zip(a, b))
+            # one host synchronisation per step
+            assert cached["syncs"] == cached["forwards"]
         sampled = res[("sampled", True)]
         assert any(len(r) > 1 for mb in sampled["responses"] for r in mb)
         assert all(len(r) <= 12 for mb in sampled["responses"] for r in mb)
     # every rank of a model replica holds the same rollout; DP replicas differ
-    assert results[0][("sampled", True)]["responses"] == results[-1][("sampled", True)]["responses"] or name == "ep2"
+    for family in {r["family"] for r in results}:
+        same = [r[("sampled", True)]["responses"] for r in results if r["family"] == family]
+        assert (same[0] == same[-1]) == (name != "ep2")
+
+
+def test_refilled_slots_equal_each_prompt_alone(layout_run):
+    """2 slots for 5 prompts of different limits (and EOS): every prompt's tokens, log-probs and
+    recorded routing equal sampling it alone."""
+    name, results = layout_run
+    for res in results:
+        ended_early = 0
+        for mode in ("greedy", "sampled"):
+            together, alone = res[("refill", mode)], res[("alone", mode)]
+            limits = [n for mb in LIMITS for n in mb]
+            assert len(alone) == len(together["responses"][0]) == 5
+            for j, one in enumerate(alone):
+                assert together["responses"][0][j] == one["responses"][0][0], (name, mode, j)
+                n = len(one["responses"][0][0])
+                assert 1 <= n <= limits[j]
+                ended_early += n < limits[j]
+                plen = len([p for mb in _prompts(res["dp_rank"]) for p in mb][j])
+                a = together["logprobs"][0][j]
+                b = one["logprobs"][0][0]
+                m = together["batches"][0]["loss_mask"][j].bool()
+                torch.testing.assert_close(a[m], b[one["batches"][0]["loss_mask"][0].bool()], rtol=1e-5, atol=1e-6)
+                assert len(together["routing"][j]) == len(one["routing"][0]) > 0
+                for x, y in zip(together["routing"][j], one["routing"][0]):
+                    assert x.shape[0] >= plen - 1 and torch.equal(x, y)
+            # fewer slots than prompts: more forwards than the longest response, fewer than all in a row
+            assert together["forwards"] < sum(one["forwards"] for one in alone)
+            assert together["syncs"] == together["forwards"]
+        assert ended_early > 0  # some sequences stopped at EOS: their slots were refilled mid-stream
+
+
+def test_mla_latent_cache_equals_full_cache(layout_run):
+    """GLM (MLA): the latent cache (compressed KV + rope key, absorbed decode) gives the full K/V
+    cache's outputs - every logit of prefill chunks, decode steps and a chunk over a cached prefix
+    (TP1, TP2) - and the same samples (all layouts), with a smaller cache."""
+    name, results = layout_run
+    glm = [r for r in results if r["family"] == "glm4_moe_lite"]
+    if name in ("tp1", "tp2_sp"):
+        assert glm and all("mla_logits" in r for r in glm)
+    for res in glm:
+        for mode in ("greedy", "sampled"):
+            full, latent = res[("mla_full", mode)], res[("mla_latent", mode)]
+            assert full["responses"] == latent["responses"]
+            for a, b in zip(full["logprobs"], latent["logprobs"]):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        if "mla_logits" in res:
+            (lat, lat_bytes), (ful, ful_bytes) = res["mla_logits"]["latent"], res["mla_logits"]["full"]
+            assert lat.shape == ful.shape and lat.shape[0] == sum(len(s[0]) for s in MLA_STEPS)
+            torch.testing.assert_close(lat, ful, rtol=1e-5, atol=1e-5 * ful.abs().max().item())
+            assert lat_bytes < ful_bytes
 
 
 def test_rollout_batches_follow_the_contract(layout_run):
@@ -275,26 +401,3 @@ def test_choose_tokens_greedy_top_p():
     assert choose_tokens(logits, torch.tensor([0.99, 0.0]), 1.0, 0.7).tolist() == [1, 3]
     assert choose_tokens(logits, torch.tensor([0.99, 0.99]), 1.0, 1.0).tolist() == [3, 3]
     assert choose_tokens(logits, torch.tensor([0.6, 0.3]), 1.0, 1.0).tolist() == [1, 3]
-
-
-def test_bench_rollout_reduced():
-    """tools/bench_rollout.py end to end at a tiny size: the JSON line's keys, both modes' tokens equal."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run(
-        [sys.executable, "tools/bench_rollout.py", "--hidden", "64", "--layers", "2", "--experts", "4",
-         "--null-experts", "2", "--topk", "2", "--vocab", "512", "--batch", "2", "--prompt", "4",
-         "--new-tokens", "8", "--checkpoints", "4,8"],
-        cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
-        capture_output=True, text=True, timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert {"cached_tokens_per_s", "recompute_tokens_per_s", "speedup", "peak_rss_bytes"} <= out.keys()
-    assert out["identical_tokens"] is True and set(out["speedup_at"]) == {"4", "8"}
-    assert out["speedup"] == out["speedup_at"]["8"] and out["peak_rss_bytes"] > 0
-    assert "| 8 |" in res.stdout

@@ -1,18 +1,20 @@
 """Generation: ``python -m zeda_megatron.generate model.hf_dir=TEACHER data.prompts=P.jsonl output=OUT.jsonl``.
 
 Runs the teacher (the original HF model, through the bridge) or any megatron checkpoint
-(``checkpoint=...``: a tools/convert_hf.py output or a training save_dir) with the KV-cached sampler
-of stage 2 (:func:`zeda_megatron.training.rollout.sample`) under the training layout: ``parallel``
-(TP / EP / PP) as in training; the remaining ranks are data parallel and each takes its share of
-every global batch (``batch_size`` prompts per DP rank); rank 0 writes the answers in prompt order.
+(``checkpoint=...``: a tools/convert_hf.py output or a training save_dir) with stage 2's sampler
+(:func:`zeda_megatron.training.rollout.sample`: KV cache, continuous batching) under the training
+layout: ``parallel`` (TP / EP / PP) as in training; the remaining ranks are data parallel and each
+takes every DP-th remaining prompt and keeps ``batch_size`` of them in flight (a slot freed by EOS
+or ``max_new_tokens`` takes the next prompt at once); rank 0 writes the answers in prompt order.
 bf16 on GPU (``precision``), fp32 on CPU. Prompts are encoded with the same template function as
 training and evaluation (:mod:`zeda_megatron.training.templates`, ``chat_template``).
 
-Resumable: each global batch's lines are appended with one write and fsync'ed; a restart reads the
+Resumable: every ``flush_every`` decode steps the finished answers are gathered and the ones that
+complete the prompt-order prefix are appended with one write and fsync'ed; a restart reads the
 output, drops a torn last line if the kill hit mid-write, checks that its lines are the answers to
-the first prompts, and continues with the next prompt (no line lost or duplicated).
-Greedy (``temperature=0``) or sampled (seeded per global batch: a resumed run samples what the
-uninterrupted run would have).
+the first prompts, and continues with the next prompt (no line lost or duplicated; sequences in
+flight at the kill are sampled again). Greedy (``temperature=0``) or sampled (each prompt's draws
+from its own stream keyed by its index: a resumed run samples what the uninterrupted run would have).
 """
 
 from __future__ import annotations
@@ -130,15 +132,80 @@ def _tokenizer(cfg):
 
 def prompt_ids(tokenizer, prompts: list[str], chat_template: bool) -> list[list[int]]:
     """The token ids generation feeds for ``prompts``: the shared template function (training and
-    evaluation use the same one); a DP rank without prompts in the last batch gets one dummy token."""
+    evaluation use the same one)."""
     from zeda_megatron.training.templates import encode_prompts
 
-    if not prompts:
-        return [[tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id]]
-    return encode_prompts(tokenizer, prompts, chat_template)
+    return encode_prompts(tokenizer, prompts, chat_template) if prompts else []
+
+
+AUTO_SLOTS_CPU = 16  # batch_size=auto without a GPU to plan against
+
+
+def auto_slots(cfg, longest_prompt: int) -> int:
+    """batch_size=auto: the largest decode batch whose slots (the longest prompt of any rank +
+    max_new_tokens positions) fit next to this rank's weights on its GPU (the memory plan's
+    inference_decode_batch; every rank gets the same number)."""
+    from zeda_megatron.distributed import comm_device
+    from zeda_megatron.platform import on_cpu
+
+    n = torch.tensor([longest_prompt], device=comm_device())
+    dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    if on_cpu():
+        return AUTO_SLOTS_CPU
+    from zeda_megatron.plan.memory import inference_decode_batch
+    from zeda_megatron.plan.shapes import shapes_of
+
+    if cfg.checkpoint:
+        from zeda_megatron.bridge.checkpoint import read_meta
+
+        hf = read_meta(str(cfg.checkpoint))["hf_config"]
+    else:
+        with open(os.path.join(str(cfg.model.hf_dir), "config.json")) as f:
+            hf = json.load(f)
+    par, seq = cfg.parallel, int(n.item()) + int(cfg.max_new_tokens)
+    slots = inference_decode_batch(shapes_of(hf), tp=int(par.tp), pp=int(par.pp), ep=int(par.ep),
+                                   etp=int(par.get("etp") or par.tp), seq_length=seq,
+                                   param_bytes=_dtype(str(cfg.precision)).itemsize,
+                                   gpu_bytes=torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    if slots < 1:
+        raise ValueError(f"batch_size=auto: not one sequence of {seq} tokens fits next to the weights; lower "
+                         "max_new_tokens or use a larger parallel layout")
+    return slots
 
 
 # ---- the job -------------------------------------------------------------------------------------------
+class OrderedWriter:
+    """Rank 0 appends answers in prompt order as they complete (collective: every rank calls
+    :meth:`deliver` at the same points). Out-of-order answers wait until the ones before them are in."""
+
+    def __init__(self, path: str, prompts: list[str], tokenizer, start: int):
+        self.path, self.prompts, self.tok = path, prompts, tokenizer
+        self.next = start
+        self.pending: dict = {}
+        self.rank0 = dist.get_rank() == 0
+        self.written, self.t0 = 0, time.time()
+
+    def deliver(self, answers: list) -> None:
+        """``answers``: (prompt index, sampled token ids) pairs finished on this rank."""
+        gathered = [None] * dist.get_world_size() if self.rank0 else None
+        dist.gather_object(answers, gathered, dst=0)
+        if not self.rank0:
+            return
+        for part in gathered:  # every rank of a model replica reports the same answers: keep one
+            for i, ids in part:
+                self.pending.setdefault(i, ids)
+        rows = []
+        while self.next in self.pending:
+            ids = [x for x in self.pending.pop(self.next) if x != self.tok.eos_id]
+            rows.append({"prompt": self.prompts[self.next], "response": self.tok.decode(ids)})
+            self.next += 1
+        if rows:
+            append_lines(self.path, rows)
+            self.written += len(rows)
+            rate = self.written / max(time.time() - self.t0, 1e-9)
+            print(f"[generate] {self.next}/{len(self.prompts)} ({rate:.2f} prompts/s)", flush=True)
+
+
 def run(cfg) -> dict:
     from megatron.core import parallel_state as ps
 
@@ -149,6 +216,9 @@ def run(cfg) -> dict:
     prompts = [r["prompt"] for r in rows]
     if cfg.limit:
         prompts = prompts[: int(cfg.limit)]
+    slots = str(cfg.batch_size)
+    if slots != "auto" and (not slots.isdigit() or int(slots) < 1):
+        raise ValueError(f"batch_size={slots}: auto or the decode slots per data-parallel rank (an integer >= 1)")
     tok = _tokenizer(cfg)
     out = str(cfg.output)
     par = cfg.parallel
@@ -169,34 +239,23 @@ def run(cfg) -> dict:
         return {"written": 0, "total": len(prompts)}
     model = build_generator_model(cfg.model.hf_dir, cfg.checkpoint, _dtype(str(cfg.precision)))
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    bs = int(cfg.batch_size)
-    per_step = bs * dp
-    temperature, top_p = float(cfg.temperature), float(cfg.top_p)
-    chat = bool(cfg.chat_template)
-    written, t0 = 0, time.time()
-    for first in range(start, len(prompts), per_step):
-        chunk = prompts[first: first + per_step]
-        mine = chunk[dp_rank * bs: (dp_rank + 1) * bs]
-        ids = prompt_ids(tok, mine, chat)
-        # seeded by the first prompt's index: a resumed run samples what an uninterrupted one would
-        gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + first * 7919 + dp_rank)
-        r = sample(model, [ids], max_new_tokens=int(cfg.max_new_tokens), eos_id=tok.eos_id, pad_id=tok.pad_id,
-                   temperature=temperature, top_p=top_p, generator=gen, record_routing=False, tp_multiple=1)
-        answers = [[x for x in resp if x != tok.eos_id] for resp in r.responses[0]][: len(mine)]
-        gathered = [None] * dist.get_world_size() if rank0 else None
-        dist.gather_object((dp_rank, answers), gathered, dst=0)
-        if rank0:
-            by_dp = {}
-            for d_rank, a in gathered:
-                by_dp.setdefault(d_rank, a)
-            responses = [x for d_rank in range(dp) for x in by_dp[d_rank]]
-            assert len(responses) == len(chunk)
-            append_lines(out, [{"prompt": p, "response": tok.decode(a)} for p, a in zip(chunk, responses)])
-            written += len(chunk)
-            rate = written / max(time.time() - t0, 1e-9)
-            print(f"[generate] {first + len(chunk)}/{len(prompts)} ({rate:.2f} prompts/s)", flush=True)
+    # each data-parallel rank keeps its share of the remaining prompts in flight (continuous batching);
+    # a prompt's random stream is keyed by its index: a resumed run samples what an uninterrupted one would
+    mine = list(range(start, len(prompts)))[dp_rank::dp]
+    ids = prompt_ids(tok, [prompts[i] for i in mine], bool(cfg.chat_template))
+    slots = int(slots) if slots != "auto" else auto_slots(cfg, max(map(len, ids), default=1))
+    writer = OrderedWriter(out, prompts, tok, start)
+
+    def finished(seqs):
+        writer.deliver([(mine[s.index], s.tokens[len(s.prompt):]) for s in seqs])
+
+    r = sample(model, [ids], max_new_tokens=int(cfg.max_new_tokens), eos_id=tok.eos_id, pad_id=tok.pad_id,
+               temperature=float(cfg.temperature), top_p=float(cfg.top_p), seed=int(cfg.seed), prompt_keys=mine,
+               slots=slots, record_routing=False, tp_multiple=1, on_finished=finished,
+               flush_every=int(cfg.get("flush_every", 64)))
+    writer.deliver([(i, a) for i, a in zip(mine, r.responses[0]) if a is not None])  # anything not streamed
     destroy_parallel()
-    return {"written": written, "total": len(prompts)}
+    return {"written": writer.written, "total": len(prompts)}
 
 
 def main() -> None:

@@ -122,16 +122,18 @@ def run(cfg) -> dict:
         if stage.needs_sampling:
             from zeda_megatron.training.rollout import offloaded, sample
 
+            from zeda_megatron.plan.memory import decode_batch
+
             prompts = [prompts_of(mb, repeat=n_samples) for mb in micro]
-            # a CPU generator seeded alike on the ranks of one replica (the sampler draws on every rank)
-            gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + step * 1009 + dp_rank)
-            # KV-cached sampling on the live student; its routing is recorded while sampling and replayed
-            # in the training forward. Grad buffers and optimizer state leave the GPU meanwhile.
+            # the live student samples the step's sequences in decode_batch slots (continuous batching), each
+            # prompt from its own stream (seeded alike on the ranks of one replica); its routing is recorded
+            # while sampling and replayed in the training forward. Grad buffers and optimizer state leave the
+            # GPU meanwhile.
             with offloaded(engine.ddp, engine.optimizer, enabled=stage.offload_while_sampling):
                 rollout = sample(engine.student, prompts, max_new_tokens=stage.max_new_tokens,
-                                 temperature=stage.temperature, top_p=stage.top_p,
-                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=gen,
-                                 record_routing=stage.router_replay)
+                                 temperature=stage.temperature, top_p=stage.top_p, slots=decode_batch(spec),
+                                 eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                 seed=spec.seed * 1_000_003 + step * 1009 + dp_rank, record_routing=stage.router_replay)
             micro, replay = rollout.batches, rollout.replay
         out = train_step(engine, micro, replay=replay, pad_id=tokenizer.pad_id)
         routing = null_metrics(engine)

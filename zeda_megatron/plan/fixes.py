@@ -45,7 +45,7 @@ def suggest_fixes(spec: RunSpec, plan: dict) -> list[str]:
     more = []
     parts = plan["per_gpu_bytes"]
     if spec.stage.needs_sampling and parts["rollout_kv_cache"] > parts["activations"]:
-        more.append("a smaller trainer.micro_batch_size (sequences decoded together) or stage.max_new_tokens")
+        more.append("a smaller stage.decode_batch (sequences decoded together) or stage.max_new_tokens")
     if parts["activations"] + parts["loss_logits"] > 0.1 * plan["gpu_bytes"]:
         tr = spec.trainer
         more.append(f"trainer.seq_length below {tr.seq_length} or trainer.micro_batch_size below {tr.micro_batch_size}"

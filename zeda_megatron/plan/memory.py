@@ -27,12 +27,14 @@ What each part counts, per GPU (the worst pipeline stage), in megatron-core 0.19
   (``trainer.recompute=full``) keeps only each layer's input plus one layer's working set. Routed rows
   assume every top-k slot is real (no null share; EP load imbalance is not modelled: the reserve covers
   some of it). The teacher's forward adds one layer's working set (no grad).
-* **rollout KV cache** (stage 2): the student's K/V (megatron-core's StaticInferenceContext, as
-  zeda_megatron.training.rollout decodes: one micro-batch per decode batch) for
-  ``trainer.micro_batch_size`` sequences of ``trainer.seq_length`` tokens, split over
-  TP by heads: GLM MLA is cached as full K and V (20 x (256 + 256) x 2 B = 20 KB/token/layer before TP),
-  Qwen3 GQA as 4 KV heads x 128 x 2 x 2 B. It is freed before the training step: the peak is the larger
-  of the rollout and the training phase.
+* **rollout KV cache** (stage 2): zeda_megatron.training.rollout's per-slot cache, one slot of
+  ``trainer.seq_length`` positions per sequence in flight (plus a scratch slot) on every layer of the
+  stage: GQA caches K and V of this TP rank's KV heads (Qwen3: 4 heads x 128 x 2 x 2 B before TP); MLA
+  caches the compressed latent and the rope key, ``(kv_lora_rank + qk_rope_head_dim) x 2 B`` per token
+  and layer on every TP rank (GLM: 576 x 2 B; the full K/V would be 20 x (256 + 256) x 2 B / TP); plus
+  the slot's uniforms and sampling logits. The decode batch (``stage.decode_batch``; auto: the largest
+  that fits, at most the step's sequences per DP rank) sets the number of slots. It is freed before
+  the training step: the peak is the larger of the rollout and the training phase.
 * **loss logits**: the fused chunked KL (zeda_megatron.linear_kl): about six fp32 ``[chunk, V/TP]``
   temporaries plus the fp32 output-layer weight gradient accumulator.
 * **reserve**: CUDA context, NCCL buffers, allocator fragmentation: 4 GiB + 5% of the GPU.
@@ -86,15 +88,47 @@ def layer_activation(s: Shapes, spec: RunSpec, moe: bool) -> int:
     return n * e
 
 
-def rollout_bytes_per_sequence(s: Shapes, spec: RunSpec, layers: int) -> int:
-    """KV cache of one decoded sequence of ``trainer.seq_length`` tokens on one GPU (``layers`` layers),
-    plus its sampling logits."""
-    tp = spec.layout.tp
+def kv_bytes_per_token_layer(s: Shapes, tp: int, mla_cache: str = "latent", dtype_bytes: int = 2) -> int:
+    """The rollout cache's bytes per token and layer on one GPU: MLA's latent + rope key (the same on
+    every TP rank: the down projection is TP-replicated) or, with ``mla_cache="full"``, K and V of this
+    rank's heads; GQA: K and V of this rank's KV heads."""
     if s.mla:
-        per_token_layer = s.heads // tp * (s.qk_nope + s.qk_rope + s.v_head) * 2
-    else:
-        per_token_layer = max(1, s.kv_heads // tp) * s.head_dim * 2 * 2
-    return spec.trainer.seq_length * layers * per_token_layer + s.vocab * 4 * SAMPLING_LOGITS_COPIES
+        if mla_cache == "latent":
+            return (s.kv_lora + s.qk_rope) * dtype_bytes
+        return s.heads // tp * (s.qk_nope + s.qk_rope + s.v_head) * dtype_bytes
+    return max(1, s.kv_heads // tp) * s.head_dim * 2 * dtype_bytes
+
+
+def rollout_bytes_per_sequence(s: Shapes, spec: RunSpec, layers: int) -> int:
+    """One decode slot on one GPU: its cache of ``trainer.seq_length`` positions on ``layers`` layers,
+    its uniforms and its sampling logits."""
+    seq = spec.trainer.seq_length
+    cache = seq * layers * kv_bytes_per_token_layer(s, spec.layout.tp, dtype_bytes=spec.trainer.param_bytes)
+    return cache + seq * 4 + s.vocab * 4 * SAMPLING_LOGITS_COPIES
+
+
+def sequences_per_rank(spec: RunSpec) -> int:
+    """Sequences one data-parallel rank samples per step (every one of them may be in flight)."""
+    return spec.trainer.micro_batch_size * spec.trainer.num_microbatches
+
+
+def decode_batch(spec: RunSpec) -> int:
+    """The decode slots the stage-2 sampler keeps per DP rank: ``stage.decode_batch``, or (auto) the
+    largest number that fits while sampling, at most the step's sequences per rank."""
+    return memory_plan(spec)["settings"]["rollout_batch"] or sequences_per_rank(spec)
+
+
+def inference_decode_batch(s: Shapes, *, tp: int, pp: int, ep: int, etp: int, seq_length: int, gpu_bytes: int,
+                           param_bytes: int = 2) -> int:
+    """Generation (the teacher alone, no training state): the largest decode batch per DP rank whose
+    slots of ``seq_length`` positions fit next to the weights and the reserve (0: not even one)."""
+    stage = stage_params(s, 0, tp=tp, pp=pp, ep=ep, etp=etp)
+    worst = max(range(pp), key=lambda i: stage[i]["dense"] + stage[i]["expert"])
+    weights = (stage[worst]["dense"] + stage[worst]["expert"]) * param_bytes
+    reserve = RESERVE_FIXED + RESERVE_FRACTION * gpu_bytes
+    per_slot = (seq_length * len(stage_layers(s, pp, worst)) * kv_bytes_per_token_layer(s, tp, dtype_bytes=param_bytes)
+                + seq_length * 4 + s.vocab * 4 * SAMPLING_LOGITS_COPIES)
+    return max(0, int((gpu_bytes - weights - reserve) // per_slot) - 1)  # - 1: the scratch slot
 
 
 def memory_plan(spec: RunSpec) -> dict:
@@ -148,20 +182,24 @@ def memory_plan(spec: RunSpec) -> dict:
         parts["loss_logits"] = LOSS_TEMPORARIES * min(chunk, t) * v_local * 4 + v_local * s.hidden * 4
     else:  # materialised: student logits (params dtype) + fp32 copies of both, log-softmax, their gradient
         parts["loss_logits"] = t * v_local * (pb + UNFUSED_LOSS_FP32_TENSORS * 4)
-    # stage-2 rollout KV cache (freed before the training step)
-    rollout_batch = tr.micro_batch_size
+    # stage-2 rollout KV cache (freed before the training step): one slot per sequence in flight + a scratch slot
     per_sequence = rollout_bytes_per_sequence(s, spec, len(layers)) if stage.needs_sampling else 0
-    parts["rollout_kv_cache"] = int(rollout_batch * per_sequence)
     gpu = lay.gpu_memory_bytes
     parts["reserve"] = int(RESERVE_FIXED + RESERVE_FRACTION * (gpu or DEFAULT_GPU_BYTES))
     static = sum(parts[k] for k in ("student_params", "student_grads", "optimizer_states", "teacher_params", "reserve"))
     train_peak = parts["activations"] + parts["loss_logits"]
     # while sampling, the grad buffers and the optimizer states on the GPU are offloaded (training/rollout.offloaded)
     rollout_static = static - (parts["student_grads"] + parts["optimizer_states"] if stage.offload_while_sampling else 0)
+    # the largest decode batch (slots of seq_length positions per rank) that fits while sampling
+    rollout_batch_max = max(0, int((gpu - rollout_static) // per_sequence) - 1) if (gpu and per_sequence) else None
+    wanted = sequences_per_rank(spec)
+    if stage.decode_batch is not None:
+        rollout_batch = min(stage.decode_batch, wanted)
+    else:
+        rollout_batch = wanted if rollout_batch_max is None else max(1, min(wanted, rollout_batch_max))
+    parts["rollout_kv_cache"] = int((rollout_batch + 1) * per_sequence) if stage.needs_sampling else 0
     peak = max(static + train_peak, rollout_static + parts["rollout_kv_cache"])
     fits = None if gpu is None else peak <= gpu
-    # the largest decode batch (sequences of seq_length decoded together per rank) that fits while sampling
-    rollout_batch_max = int((gpu - rollout_static) // per_sequence) if (gpu and per_sequence) else None
     return {
         "total_params": counts["original"],
         "student_params": counts["student"],

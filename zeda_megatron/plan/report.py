@@ -18,7 +18,7 @@ ROWS = (
     ("reserve", "reserve (CUDA/NCCL/fragmentation)"),
 )
 JSON_KEYS = ("total_params", "student_params", "per_gpu_bytes", "gpu_bytes", "fits", "gpu_capacity_bytes",
-             "host_optimizer_bytes", "host_param_bytes", "layout", "settings")
+             "host_optimizer_bytes", "host_param_bytes", "layout", "settings", "time_plan", "time_summary")
 
 
 def gib(n) -> str:
@@ -67,4 +67,4 @@ def format_table(plan: dict, model_name: str = "") -> str:
 
 
 def json_line(plan: dict) -> str:
-    return json.dumps({k: plan[k] for k in JSON_KEYS}, sort_keys=False)
+    return json.dumps({k: plan[k] for k in JSON_KEYS if k in plan}, sort_keys=False)

@@ -113,6 +113,11 @@ def _stage(cfg, name: str, engine: EngineSpec, on_gpu: bool) -> StageSpec:
         raise ConfigError(f"stage.offload_while_sampling={get(cfg, 'stage.offload_while_sampling')!r}: "
                           "use auto (on GPUs), true or false")
     sampling = name == "opd"
+    decode_batch = get(cfg, "stage.decode_batch", "auto")
+    if decode_batch != "auto" and (isinstance(decode_batch, bool) or not isinstance(decode_batch, int)
+                                   or decode_batch < 1):
+        raise ConfigError(f"stage.decode_batch={decode_batch!r}: auto (the largest decode batch that fits) or an "
+                          "integer >= 1 (sequences decoded together per data-parallel rank)")
     return StageSpec(
         name=name, nll_weight=nll_w, kl_weight=kl_w, kl=kl, temperature=temperature,
         max_new_tokens=integer(cfg, "stage.max_new_tokens", minimum=1),
@@ -122,6 +127,7 @@ def _stage(cfg, name: str, engine: EngineSpec, on_gpu: bool) -> StageSpec:
             offload == "true" or (offload == "auto" and on_gpu)),
         router_replay=bool(get(cfg, "stage.router_replay", False)),
         fused_loss=bool(get(cfg, "stage.fused_loss", False)),
+        decode_batch=None if decode_batch == "auto" else decode_batch,
     )
 
 

@@ -63,6 +63,7 @@ class StageSpec:
     offload_while_sampling: bool  # resolved: grads + optimizer state leave the GPU while sampling
     router_replay: bool  # record the routing while sampling and replay it in the training forward (stage 2)
     fused_loss: bool
+    decode_batch: int | None = None  # decode slots per DP rank while sampling (None: auto, the largest that fits)
 
     @property
     def needs_sampling(self) -> bool:
