@@ -120,7 +120,8 @@ def run(cfg) -> dict:
         t0 = time.time()
         replay = None
         if stage.needs_sampling:
-            from zeda_megatron.training.rollout import offloaded, sample
+            from zeda_megatron.training.offload import offloaded
+            from zeda_megatron.training.rollout import sample
 
             prompts = [prompts_of(mb, repeat=n_samples) for mb in micro]
             # a CPU generator seeded alike on the ranks of one replica (the sampler draws on every rank)
