@@ -142,7 +142,7 @@ def load_model_only(student, path: str) -> None:
 
     if os.path.isfile(os.path.join(path, LATEST)):
         path = latest(path)
-    from zeda_megatron.training.ds_weights import is_deepspeed_checkpoint, load_student_weights
+    from zeda_megatron.bridge.ds_weights import is_deepspeed_checkpoint, load_student_weights
 
     if is_deepspeed_checkpoint(path):  # written by engine=deepspeed
         load_student_weights(student, path)

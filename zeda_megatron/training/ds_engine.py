@@ -39,7 +39,7 @@ from zeda_megatron.spec import EngineSpec, OptimSpec, RunSpec
 from zeda_megatron.training.build import Engine, build_models, build_scheduler, loss_spec, null_settings
 from zeda_megatron.training.distill import CoLocatedDistillation
 
-from zeda_megatron.training.ds_weights import DS_TAG, WEIGHTS, load_student_weights
+from zeda_megatron.bridge.ds_weights import DS_TAG, WEIGHTS, load_student_weights
 
 
 def deep_merge(base: dict, extra: dict | None) -> dict:
