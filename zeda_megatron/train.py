@@ -120,7 +120,6 @@ def run(cfg) -> dict:
         t0 = time.time()
         replay = None
         if stage.needs_sampling:
-            from zeda_megatron.training.offload import offloaded
             from zeda_megatron.training.rollout import sample
 
             prompts = [prompts_of(mb, repeat=n_samples) for mb in micro]
@@ -128,7 +127,7 @@ def run(cfg) -> dict:
             gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + step * 1009 + dp_rank)
             # KV-cached sampling on the live student; its routing is recorded while sampling and replayed
             # in the training forward. Grad buffers and optimizer state leave the GPU meanwhile.
-            with offloaded(engine.ddp, engine.optimizer, enabled=stage.offload_while_sampling):
+            with engine.offloaded_for_sampling(enabled=stage.offload_while_sampling):
                 rollout = sample(engine.student, prompts, max_new_tokens=stage.max_new_tokens,
                                  temperature=stage.temperature, top_p=stage.top_p,
                                  eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=gen,
