@@ -30,6 +30,13 @@ def compose(*overrides, run_dir="/tmp/zeda-test-run"):
         return hcompose("config", overrides=[f"run_dir={run_dir}", *overrides])
 
 
+def spec_of(*overrides, run_dir="/tmp/zeda-test-run"):
+    """The run spec of ``overrides`` (compose + resolve, as the trainer does)."""
+    from zeda_megatron.spec import resolve
+
+    return resolve(compose(*overrides, run_dir=run_dir))
+
+
 def write_jsonl(path, rows):
     with open(path, "wb") as f:
         for r in rows:
@@ -230,18 +237,18 @@ def test_prompt_file_errors(tmp_path):
 
 
 def test_synthetic_dataset_and_build_dataset(tmp_path):
-    cfg = compose("data.synthetic_samples=32")
-    tok = D.load_tokenizer(cfg.model)
-    ds = D.build_dataset(cfg, tok)
+    spec = spec_of("data.synthetic_samples=32")
+    tok = D.load_tokenizer(spec.model)
+    ds = D.build_dataset(spec, tok)
     assert isinstance(ds, D.SyntheticDataset) and len(ds) == 32
     assert all(s["loss_mask"].sum() > 0 for s in ds.samples)
-    again = D.build_dataset(cfg, tok)
+    again = D.build_dataset(spec, tok)
     assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(ds.samples, again.samples))
-    opd = D.build_dataset(compose("stage=opd", "data.synthetic_samples=8"), tok)
+    opd = D.build_dataset(spec_of("stage=opd", "data.synthetic_samples=8"), tok)
     assert all(s["loss_mask"].sum() == 0 and s["prompt_length"] <= 64 - 32 for s in opd.samples)
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x", "response": "y"}] * 3)
-    assert isinstance(D.build_dataset(compose("stage=opd", f"data.path={path}"), tok), D.PromptDataset)
-    assert isinstance(D.build_dataset(compose(f"data.path={path}"), tok), D.PreparedDataset)  # JSONL prepared once
+    assert isinstance(D.build_dataset(spec_of("stage=opd", f"data.path={path}"), tok), D.PromptDataset)
+    assert isinstance(D.build_dataset(spec_of(f"data.path={path}"), tok), D.PreparedDataset)  # JSONL prepared once
 
 
 # ---- deterministic resumable batches --------------------------------------------------------------------
@@ -339,10 +346,10 @@ def test_wandb_offline_fallback_writes_into_run_dir(tmp_path, monkeypatch, caplo
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
-    cfg = compose("logging.wandb.mode=online", run_dir=str(run_dir))
+    spec = spec_of("logging.wandb.mode=online", run_dir=str(run_dir))
     assert not M.wandb_api_key_present()
     with caplog.at_level("WARNING"):
-        wb = M.WandbLogger(cfg, rank0=True)
+        wb = M.WandbLogger(spec, rank0=True)
     assert wb.mode == "offline" and "logging offline instead" in caplog.text
     wb.log({"loss": 1.5, "null_share_per_layer": [0.3, 0.4]}, step=1)
     wb.log({"loss": 1.2}, step=2)
@@ -351,8 +358,8 @@ def test_wandb_offline_fallback_writes_into_run_dir(tmp_path, monkeypatch, caplo
     runs = [p for p in (run_dir / "wandb").iterdir() if p.name.startswith("offline-run-")]
     assert len(runs) == 1 and runs[0].name.endswith(run_id)
     assert list(runs[0].glob("*.wandb"))
-    M.WandbLogger(compose(), rank0=True).finish()  # disabled: nothing happens
-    assert M.WandbLogger(cfg, rank0=False).run is None
+    M.WandbLogger(spec_of(), rank0=True).finish()  # disabled: nothing happens
+    assert M.WandbLogger(spec, rank0=False).run is None
 
 
 def test_save_resolved_config(tmp_path):

@@ -104,6 +104,25 @@ def latest(save_dir: str) -> str | None:
         return os.path.join(save_dir, f.read().strip())
 
 
+def resume_path(resume: str, save_dir: str) -> str | None:
+    """The checkpoint ``trainer.resume`` asks for: ``auto`` the newest in ``save_dir`` (None: a fresh
+    start), ``never`` None (refused when ``save_dir`` already holds checkpoints: nothing is
+    overwritten), or a path (its newest iteration when it is a save_dir). Decided before anything is
+    written or built."""
+    if resume == "never":
+        if latest(save_dir):
+            raise FileExistsError(
+                f"trainer.resume=never but {save_dir} already holds checkpoints: use trainer.resume=auto "
+                "to continue that run, or a new hydra.run.dir / trainer.save_dir (nothing was overwritten)"
+            )
+        return None
+    if resume == "auto":
+        return latest(save_dir)
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"trainer.resume={resume!r} is not a directory; use auto, never or a checkpoint path")
+    return latest(resume) or resume
+
+
 def load(engine, path: str) -> dict:
     """Restore student weights, optimizer and scheduler from ``path``; returns its metadata."""
     meta_path = os.path.join(path, "zeda_train.json")

@@ -14,11 +14,11 @@ per concern):
 from __future__ import annotations
 
 from zeda_megatron.training.batching import (  # noqa: F401
-    PACK_WINDOW, PackPlan, PackedRows, batch_to, best_fit_decreasing, collate, iterate_batches, pack_documents,
+    IGNORE_INDEX, PACK_WINDOW, PackPlan, PackedRows, best_fit_decreasing, collate, iterate_batches, pack_documents,
     pad_fraction, prompts_of, sample_indices, step_indices, step_rows,
 )
 from zeda_megatron.training.datasets import (  # noqa: F401
-    IGNORE_INDEX, DocumentDataset, JsonlDataset, PreparedDataset, PreparedPromptDataset, PromptDataset,
+    DocumentDataset, JsonlDataset, PreparedDataset, PreparedPromptDataset, PromptDataset,
     SyntheticDataset, build_dataset, cut_prompt, data_source_exists, make_sample, prepared_prefix, prompt_sample,
     sample_from_document,
 )

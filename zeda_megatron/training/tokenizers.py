@@ -20,8 +20,8 @@ from collections.abc import Mapping
 import torch
 
 
-def cfg_get(cfg, key, default=None):
-    """``cfg[key]`` for dicts, DictConfigs and objects; ``default`` when absent (or ``cfg`` is None)."""
+def _field(cfg, key, default=None):
+    """``cfg[key]`` for dicts, DictConfigs and objects (a ModelSpec); ``default`` when absent (or ``cfg`` is None)."""
     if cfg is None:
         return default
     if isinstance(cfg, Mapping):
@@ -123,11 +123,13 @@ def as_tokenizer(tok):
     return HFTokenizer(tok)
 
 
-def load_tokenizer(model_cfg):
-    """HF AutoTokenizer from ``model.hf_dir`` when set, else :class:`ByteTokenizer` sized to the model."""
-    hf_dir = cfg_get(model_cfg, "hf_dir")
-    hf_config = cfg_get(model_cfg, "hf_config") or {}
-    vocab = cfg_get(hf_config, "vocab_size")
+def load_tokenizer(model):
+    """HF AutoTokenizer from ``model.hf_dir`` when set, else :class:`ByteTokenizer` sized to the model.
+    ``model``: the run's :class:`~zeda_megatron.spec.ModelSpec` (or a mapping with ``hf_dir`` and
+    ``hf_config``, as generation hands an exported folder)."""
+    hf_dir = _field(model, "hf_dir")
+    hf_config = _field(model, "hf_config") or {}
+    vocab = _field(hf_config, "vocab_size")
     if hf_dir:
         from transformers import AutoTokenizer
 
