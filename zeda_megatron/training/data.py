@@ -19,13 +19,13 @@ from zeda_megatron.training.batching import (  # noqa: F401
 )
 from zeda_megatron.training.datasets import (  # noqa: F401
     DocumentDataset, JsonlDataset, PreparedDataset, PreparedPromptDataset, PromptDataset,
-    SyntheticDataset, build_dataset, cut_prompt, data_source_exists, make_sample, prepared_prefix, prompt_sample,
+    SyntheticDataset, build_dataset, cut_prompt, data_source_exists, prepared_prefix, prompt_sample,
     sample_from_document,
 )
 from zeda_megatron.training.jsonl import FORMATS, check_jsonl, iter_jsonl, read_jsonl  # noqa: F401
 from zeda_megatron.training.prepared import PreparedData, is_prepared, prepare  # noqa: F401
 from zeda_megatron.training.templates import (  # noqa: F401
-    encode_prompt, encode_prompts, encode_records, encode_responses, encode_texts, prompt_text,
+    encode_prompts, encode_records, encode_responses, encode_texts, prompt_text,
 )
 from zeda_megatron.training.tokenizers import ByteTokenizer, HFTokenizer, as_tokenizer, load_tokenizer  # noqa: F401
 

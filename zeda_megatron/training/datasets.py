@@ -67,17 +67,6 @@ def sample_from_document(ids, mask, seq_length: int, pad_id: int, prompt_length:
     }
 
 
-def make_sample(prompt_ids: list[int], target_ids: list[int], seq_length: int, pad_id: int) -> dict | None:
-    """The padded sample of ``prompt_ids + target_ids`` (loss on ``target_ids``); None when the
-    truncation to ``seq_length`` leaves no trained token."""
-    ids = list(prompt_ids) + list(target_ids)
-    first = max(len(prompt_ids), 1)
-    if first >= min(len(ids), seq_length + 1):
-        return None
-    mask = [i >= first for i in range(len(ids))]
-    return sample_from_document(ids, mask, seq_length, pad_id, len(prompt_ids))
-
-
 def prompt_sample(ids, seq_length: int, pad_id: int) -> dict:
     """A stage-2 prompt (already cut to fit) left-aligned in ``seq_length`` positions."""
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))

@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+JSON_INF = 1e308  # what an infinite metric is written as (JSON has no infinity; NaN becomes null)
 
 
 def _scalar(x):
@@ -46,7 +47,7 @@ def _scalar(x):
     if isinstance(x, (list, tuple)):
         return [_scalar(v) for v in x]
     if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else (1e308 if x > 0 else -1e308)
+        return None if math.isnan(x) else (JSON_INF if x > 0 else -JSON_INF)
     return x
 
 
