@@ -166,7 +166,6 @@ def test_the_layer_check_finds_an_upward_import_and_an_unplaced_module():
 MAX_LINES = 450
 LARGER = {  # module -> why it stays one file: the one concern it holds
     "zeda_megatron.linear_kl": "the fused output-layer + KL per token chunk: forward, hand-written backward, TP",
-    "zeda_megatron.training.rollout": "the in-process sampler under the training layout (cache, stages, replay)",
 }
 
 

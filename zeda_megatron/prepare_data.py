@@ -49,28 +49,19 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    out, force, overrides = None, False, []
-    for a in argv:
-        if a.startswith("out="):
-            out = a[4:]
-        elif a.startswith("force="):
-            force = a[6:].lower() in ("1", "true", "yes")
-        else:
-            overrides.append(a)
-    from zeda_megatron.spec import compose, resolve
+    from zeda_megatron.spec import compose_command, resolve
 
     try:
-        cfg = compose(overrides, run_dir=".")
+        parsed = compose_command(argv, {"out": str, "force": lambda v: v.lower() in ("1", "true", "yes")}, __doc__)
     except Exception as e:  # Hydra's override/composition errors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if parsed is None:
+        return 0
+    opts, cfg = parsed
     try:
         # the training job's spec: the same checks, the same tokenizer, format and template settings
-        results = prepare_spec(resolve(cfg), out=out, force=force)
+        results = prepare_spec(resolve(cfg), out=opts["out"], force=bool(opts["force"]))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

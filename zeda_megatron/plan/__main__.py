@@ -20,25 +20,16 @@ def main(argv=None) -> int:
     from zeda_megatron.plan.fixes import plan_with_fixes
     from zeda_megatron.plan.memory import PlanError
     from zeda_megatron.plan.report import format_table, json_line
-    from zeda_megatron.spec import ConfigError, compose, resolve
+    from zeda_megatron.spec import ConfigError, compose_command, resolve
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    gpu_gb, world, overrides = None, None, []
-    for a in argv:
-        if a.startswith("gpu_gb="):
-            gpu_gb = float(a.split("=", 1)[1])
-        elif a.startswith("world="):
-            world = int(a.split("=", 1)[1])
-        else:
-            overrides.append(a)
     try:
-        cfg = compose(overrides, run_dir=".")
-        spec = resolve(cfg, world, inputs=False, on_gpu=True, gpu_gb=gpu_gb)
+        parsed = compose_command(argv, {"gpu_gb": float, "world": int}, __doc__)
+        if parsed is None:
+            return 0
+        opts, cfg = parsed
+        spec = resolve(cfg, opts["world"], inputs=False, on_gpu=True, gpu_gb=opts["gpu_gb"])
         if spec.layout.gpu_memory_bytes is None:
-            spec = resolve(cfg, world, inputs=False, on_gpu=True, gpu_gb=DEFAULT_GPU_GB)
+            spec = resolve(cfg, opts["world"], inputs=False, on_gpu=True, gpu_gb=DEFAULT_GPU_GB)
         plan = plan_with_fixes(spec)
     except (ConfigError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
