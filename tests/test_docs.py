@@ -37,7 +37,6 @@ PAGES_NOT_WRITTEN_YET = {
     "docs/rollouts.md",     # stage-2 sampling and generation; content waiting in docs/_moved_rollouts.md
     "docs/slurm.md",        # the Slurm job, sweeps; content waiting in docs/_moved_slurm.md
     "docs/evaluation.md",   # evaluation; content waiting in docs/_moved_evaluation.md
-    "docs/gpu.md",          # the GPU smoke check; content waiting in docs/_moved_gpu.md
     "docs/quality.md",      # the embedded default's quality
 }
 
