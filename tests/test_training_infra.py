@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -295,6 +296,52 @@ def test_iterator_data_parallel_splits_the_same_global_batch():
         assert not set(sum(ranks[0][step], [])) & set(sum(ranks[1][step], []))
     with pytest.raises(ValueError, match="dp_rank"):
         next(D.iterate_batches(ds, 2, 2, 2, 2, seed=1))
+
+
+def test_stages_give_the_dataset_batches_and_seed_sampling_per_step_and_rank():
+    from types import SimpleNamespace
+
+    from zeda_megatron.training import stages as ST
+
+    spec = spec_of("trainer.max_steps=4", "trainer.micro_batch_size=2", "trainer.global_batch_size=4")
+    ds = _Ids(37)
+    stage = ST.build_stage(spec, ds, tokenizer=None, dp_rank=0, dp_size=1, start_step=1)
+    assert type(stage) is ST.OffPolicyStage
+    got = [(s.step, [mb["tokens"][:, 0].tolist() for mb in s.microbatches], s.replay) for s in stage.steps(None)]
+    want = _take(D.iterate_batches(ds, 2, 2, 0, 1, seed=spec.seed, start_step=1), 3)
+    assert got == [(step, mbs, None) for step, mbs in zip((1, 2, 3), want)]  # steps 1..3 of max_steps=4
+    opd = spec_of("stage=opd", "trainer.micro_batch_size=4", "stage.samples_per_prompt=2")
+    on = ST.build_stage(opd, ds, tokenizer=SimpleNamespace(eos_id=9, pad_id=0), dp_rank=1, dp_size=2)
+    assert type(on) is ST.OnPolicyStage and on.rows_per_item == 2  # 2 prompts x 2 samples per micro-batch
+    # stage 2's sampling seed: alike on a replica's ranks, one per (step, DP rank)
+    assert ST.rollout_seed(1234, 5, 1) == 1234 * 1_000_003 + 5 * 1009 + 1
+    seeds = {ST.rollout_seed(7, step, rank) for step in range(100) for rank in range(8)}
+    assert len(seeds) == 800
+    # the on-policy stage samples inside the engine's offload context, with the live student
+    entered = []
+
+    class Engine:
+        student = object()
+
+        def offloaded_for_sampling(self, enabled):
+            entered.append(enabled)
+            return contextlib.nullcontext()
+
+    def fake_sample(model, prompts, **kw):
+        assert model is Engine.student and entered == [opd.stage.offload_while_sampling]
+        assert kw["generator"].initial_seed() == ST.rollout_seed(opd.seed, 0, 1) and kw["record_routing"]
+        assert (kw["eos_id"], kw["pad_id"], kw["max_new_tokens"]) == (9, 0, opd.stage.max_new_tokens)
+        return SimpleNamespace(batches=[{"n": len(p)} for p in prompts], replay=[["r"]])
+
+    from zeda_megatron.training import rollout
+
+    real, rollout.sample = rollout.sample, fake_sample
+    try:
+        first = on.step_input(Engine(), 0, [{"tokens": torch.ones(2, 3, dtype=torch.long),
+                                             "prompt_length": torch.tensor([2, 3])}])
+    finally:
+        rollout.sample = real
+    assert first.microbatches == [{"n": 4}] and first.replay == [["r"]] and first.step == 0
 
 
 # ---- metrics, W&B, progress --------------------------------------------------------------------------------
