@@ -98,9 +98,12 @@ def test_prepare_command_and_training_reads_the_cache(tmp_path):
 
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base=None):
         cfg = compose("config", overrides=["run_dir=.", "model=tiny_qwen3", f"data.path={path}"])
-    tok = D.load_tokenizer(cfg.model)
+    from zeda_megatron.spec import resolve
+
+    spec = resolve(cfg)
+    tok = D.load_tokenizer(spec.model)
     stamp = os.stat(res["prefix"] + ".bin").st_mtime_ns
-    ds = D.build_dataset(cfg, tok)
+    ds = D.build_dataset(spec, tok)
     assert isinstance(ds, D.PreparedDataset) and ds.path == res["prefix"] and len(ds) == 20
     assert os.stat(res["prefix"] + ".bin").st_mtime_ns == stamp
     assert D.check_data_file(res["prefix"]) == "prompt_response"

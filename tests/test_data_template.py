@@ -67,6 +67,20 @@ def _compose(name, overrides):
         return compose(name, overrides=["run_dir=.", *overrides])
 
 
+def _model_dir(tok_dir, family, vocab, out):
+    """A model folder for the training config: the tokenizer files of ``tok_dir`` and the tiny preset's
+    config.json (no weights: data preparation and the datasets read only the tokenizer and the config)."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    shutil.copytree(tok_dir, out)
+    hf = OmegaConf.to_container(_compose("config", [f"model=tiny_{family}"]).model.hf_config)
+    hf["vocab_size"] = max(int(hf["vocab_size"]), vocab)
+    (out / "config.json").write_text(json.dumps(hf))
+    return str(out)
+
+
 def _generate_prompt_ids(monkeypatch, tmp_path, hf_dir, prompts_path, chat):
     """The ids ``zeda_megatron.generate`` hands its sampler (model and sampler stubbed out)."""
     import zeda_megatron.generate as G
@@ -120,21 +134,23 @@ def test_prompt_ids_identical_across_generate_prepare_train_evaluate(tokdirs, fa
     assert (tok.bos_id is not None) == (family == "glm")
 
     # prepare_data (the command's code path, the job's config) -> stage-1 documents and stage-2 prompt batches
-    from zeda_megatron.prepare_data import prepare_config
+    from zeda_megatron.prepare_data import prepare_spec
+    from zeda_megatron.spec import resolve
 
-    common = [f"model=tiny_{family}", f"model.hf_dir={hf_dir}", "model.hf_config=null", f"data.path={tokdirs['prompts']}",
+    model_dir = _model_dir(hf_dir, family, len(tok.tok), tmp_path / "model")  # the trainer reads a model folder
+    common = [f"model=tiny_{family}", f"model.hf_dir={model_dir}", "model.hf_config=null", f"data.path={tokdirs['prompts']}",
               f"data.chat_template={chat}", f"data.cache_dir={tmp_path / 'prep'}", "trainer.seq_length=64",
               "stage.max_new_tokens=8"]
-    sft = _compose("config", common)
-    prefix = prepare_config(sft)[0]["prefix"]
+    sft = resolve(_compose("config", common))
+    prefix = prepare_spec(sft)[0]["prefix"]
     docs = D.build_dataset(sft, tok)
     assert docs.path == prefix
     for i, want in enumerate(ref):
         ids, mask = docs.document(i)
         first = int(mask.argmax())
         assert ids[:first].tolist() == want, (family, chat, i)
-    opd = _compose("config", common + ["stage=opd", "trainer.micro_batch_size=2"])
-    prepare_config(opd)
+    opd = resolve(_compose("config", common + ["stage=opd", "trainer.micro_batch_size=2"]))
+    prepare_spec(opd)
     prompt_ds = D.build_dataset(opd, tok)
     batch = next(D.iterate_batches(prompt_ds, len(PROMPTS), 1, 0, 1, seed=0))[0]
     assert sorted(D.prompts_of(batch)) == sorted(ref)

@@ -68,12 +68,6 @@ def _metrics(engine, step, rank):
     return {k: o[k] for k in ("loss", "nll", "kl", "grad_norm", "lr", "group_loss", "null_share", "tokens")}
 
 
-def _optimizer_bytes(engine, masters=True) -> dict:
-    from zeda_megatron.training.ds_engine import optimizer_state_bytes
-
-    return optimizer_state_bytes(engine.ds.optimizer if getattr(engine, "ds", None) else engine.optimizer, masters)
-
-
 def _export(save_dir, out_dir):
     from zeda_megatron.bridge.checkpoint import assets_dir, load_checkpoint
     from zeda_megatron.bridge.export_hf import save_hf_pretrained
@@ -96,9 +90,10 @@ def _job(rank, world, hf_dirs, tmp):
             rows.append(_metrics(engine, step, rank))
             if name in RESUMED and step + 1 == RESUME_AT:
                 checkpoint.save(engine, RESUME_AT, os.path.join(tmp, "resume_" + name), extra={"hf_dir": hf_dir, "seed": 0})
-        res = {"rows": rows, "opt_bytes": _optimizer_bytes(engine), "moment_bytes": _optimizer_bytes(engine, False),
+        res = {"rows": rows, "opt_bytes": engine.optimizer_state_bytes(),
+               "moment_bytes": engine.optimizer_state_bytes(masters=False),
                "n_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.student.parameters())}
-        if getattr(engine, "ds", None) is not None:
+        if engine.kind == "deepspeed":
             opt = engine.ds.optimizer
             res["ds_cpu_offload"] = bool(getattr(opt, "cpu_offload", False))
             res["ds_offload_devices"] = sorted({t.device.type for t in getattr(opt, "single_partition_of_fp32_groups", [])})

@@ -329,7 +329,8 @@ def _offload_worker(rank, world, hf_dir, offload):
     from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
     from zeda_megatron.distributed import init_parallel
-    from zeda_megatron.training.rollout import offloaded, sample
+    from zeda_megatron.training.offload import offloaded
+    from zeda_megatron.training.rollout import sample
 
     init_parallel(seed=0)
     model = _build(hf_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +29,13 @@ def compose(*overrides, run_dir="/tmp/zeda-test-run"):
 
     with initialize_config_dir(config_dir=CONF, version_base=None):
         return hcompose("config", overrides=[f"run_dir={run_dir}", *overrides])
+
+
+def spec_of(*overrides, run_dir="/tmp/zeda-test-run"):
+    """The run spec of ``overrides`` (compose + resolve, as the trainer does)."""
+    from zeda_megatron.spec import resolve
+
+    return resolve(compose(*overrides, run_dir=run_dir))
 
 
 def write_jsonl(path, rows):
@@ -230,18 +238,18 @@ def test_prompt_file_errors(tmp_path):
 
 
 def test_synthetic_dataset_and_build_dataset(tmp_path):
-    cfg = compose("data.synthetic_samples=32")
-    tok = D.load_tokenizer(cfg.model)
-    ds = D.build_dataset(cfg, tok)
+    spec = spec_of("data.synthetic_samples=32")
+    tok = D.load_tokenizer(spec.model)
+    ds = D.build_dataset(spec, tok)
     assert isinstance(ds, D.SyntheticDataset) and len(ds) == 32
     assert all(s["loss_mask"].sum() > 0 for s in ds.samples)
-    again = D.build_dataset(cfg, tok)
+    again = D.build_dataset(spec, tok)
     assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(ds.samples, again.samples))
-    opd = D.build_dataset(compose("stage=opd", "data.synthetic_samples=8"), tok)
+    opd = D.build_dataset(spec_of("stage=opd", "data.synthetic_samples=8"), tok)
     assert all(s["loss_mask"].sum() == 0 and s["prompt_length"] <= 64 - 32 for s in opd.samples)
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x", "response": "y"}] * 3)
-    assert isinstance(D.build_dataset(compose("stage=opd", f"data.path={path}"), tok), D.PromptDataset)
-    assert isinstance(D.build_dataset(compose(f"data.path={path}"), tok), D.PreparedDataset)  # JSONL prepared once
+    assert isinstance(D.build_dataset(spec_of("stage=opd", f"data.path={path}"), tok), D.PromptDataset)
+    assert isinstance(D.build_dataset(spec_of(f"data.path={path}"), tok), D.PreparedDataset)  # JSONL prepared once
 
 
 # ---- deterministic resumable batches --------------------------------------------------------------------
@@ -288,6 +296,52 @@ def test_iterator_data_parallel_splits_the_same_global_batch():
         assert not set(sum(ranks[0][step], [])) & set(sum(ranks[1][step], []))
     with pytest.raises(ValueError, match="dp_rank"):
         next(D.iterate_batches(ds, 2, 2, 2, 2, seed=1))
+
+
+def test_stages_give_the_dataset_batches_and_seed_sampling_per_step_and_rank():
+    from types import SimpleNamespace
+
+    from zeda_megatron.training import stages as ST
+
+    spec = spec_of("trainer.max_steps=4", "trainer.micro_batch_size=2", "trainer.global_batch_size=4")
+    ds = _Ids(37)
+    stage = ST.build_stage(spec, ds, tokenizer=None, dp_rank=0, dp_size=1, start_step=1)
+    assert type(stage) is ST.OffPolicyStage
+    got = [(s.step, [mb["tokens"][:, 0].tolist() for mb in s.microbatches], s.replay) for s in stage.steps(None)]
+    want = _take(D.iterate_batches(ds, 2, 2, 0, 1, seed=spec.seed, start_step=1), 3)
+    assert got == [(step, mbs, None) for step, mbs in zip((1, 2, 3), want)]  # steps 1..3 of max_steps=4
+    opd = spec_of("stage=opd", "trainer.micro_batch_size=4", "stage.samples_per_prompt=2")
+    on = ST.build_stage(opd, ds, tokenizer=SimpleNamespace(eos_id=9, pad_id=0), dp_rank=1, dp_size=2)
+    assert type(on) is ST.OnPolicyStage and on.rows_per_item == 2  # 2 prompts x 2 samples per micro-batch
+    # stage 2's sampling seed: alike on a replica's ranks, one per (step, DP rank)
+    assert ST.rollout_seed(1234, 5, 1) == 1234 * 1_000_003 + 5 * 1009 + 1
+    seeds = {ST.rollout_seed(7, step, rank) for step in range(100) for rank in range(8)}
+    assert len(seeds) == 800
+    # the on-policy stage samples inside the engine's offload context, with the live student
+    entered = []
+
+    class Engine:
+        student = object()
+
+        def offloaded_for_sampling(self, enabled):
+            entered.append(enabled)
+            return contextlib.nullcontext()
+
+    def fake_sample(model, prompts, **kw):
+        assert model is Engine.student and entered == [opd.stage.offload_while_sampling]
+        assert kw["generator"].initial_seed() == ST.rollout_seed(opd.seed, 0, 1) and kw["record_routing"]
+        assert (kw["eos_id"], kw["pad_id"], kw["max_new_tokens"]) == (9, 0, opd.stage.max_new_tokens)
+        return SimpleNamespace(batches=[{"n": len(p)} for p in prompts], replay=[["r"]])
+
+    from zeda_megatron.training import rollout
+
+    real, rollout.sample = rollout.sample, fake_sample
+    try:
+        first = on.step_input(Engine(), 0, [{"tokens": torch.ones(2, 3, dtype=torch.long),
+                                             "prompt_length": torch.tensor([2, 3])}])
+    finally:
+        rollout.sample = real
+    assert first.microbatches == [{"n": 4}] and first.replay == [["r"]] and first.step == 0
 
 
 # ---- metrics, W&B, progress --------------------------------------------------------------------------------
@@ -339,10 +393,10 @@ def test_wandb_offline_fallback_writes_into_run_dir(tmp_path, monkeypatch, caplo
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
-    cfg = compose("logging.wandb.mode=online", run_dir=str(run_dir))
+    spec = spec_of("logging.wandb.mode=online", run_dir=str(run_dir))
     assert not M.wandb_api_key_present()
     with caplog.at_level("WARNING"):
-        wb = M.WandbLogger(cfg, rank0=True)
+        wb = M.WandbLogger(spec, rank0=True)
     assert wb.mode == "offline" and "logging offline instead" in caplog.text
     wb.log({"loss": 1.5, "null_share_per_layer": [0.3, 0.4]}, step=1)
     wb.log({"loss": 1.2}, step=2)
@@ -351,8 +405,8 @@ def test_wandb_offline_fallback_writes_into_run_dir(tmp_path, monkeypatch, caplo
     runs = [p for p in (run_dir / "wandb").iterdir() if p.name.startswith("offline-run-")]
     assert len(runs) == 1 and runs[0].name.endswith(run_id)
     assert list(runs[0].glob("*.wandb"))
-    M.WandbLogger(compose(), rank0=True).finish()  # disabled: nothing happens
-    assert M.WandbLogger(cfg, rank0=False).run is None
+    M.WandbLogger(spec_of(), rank0=True).finish()  # disabled: nothing happens
+    assert M.WandbLogger(spec, rank0=False).run is None
 
 
 def test_save_resolved_config(tmp_path):

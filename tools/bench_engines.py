@@ -49,7 +49,6 @@ def _worker(rank, world, port, hf_dir, vocab, steps, ep, out):
     torch.set_num_threads(1)
     from zeda_megatron.distributed import destroy_parallel, init_parallel
     from zeda_megatron.spec import compose, resolve
-    from zeda_megatron.training.ds_engine import optimizer_state_bytes
     from zeda_megatron.training.engine import build_engine
     from zeda_megatron.training.step import train_step
 
@@ -72,10 +71,9 @@ def _worker(rank, world, port, hf_dir, vocab, steps, ep, out):
             t0 = time.perf_counter()
             loss = train_step(engine, _batches(step, rank, vocab))["loss"]
             times.append(time.perf_counter() - t0)
-        opt = engine.ds.optimizer if cfg is not None else engine.optimizer
         results[name] = {"step_time_s": statistics.median(times[1:] or times), "last_loss": loss,
-                         "optimizer_state_bytes": optimizer_state_bytes(opt),
-                         "adam_moment_bytes": sum(optimizer_state_bytes(opt, masters=False).values())}
+                         "optimizer_state_bytes": engine.optimizer_state_bytes(),
+                         "adam_moment_bytes": sum(engine.optimizer_state_bytes(masters=False).values())}
         if cfg is not None:
             results[name]["deepspeed_cpu_offload"] = bool(getattr(engine.ds.optimizer, "cpu_offload", False))
         del engine  # the next engine's model-parallel groups are rebuilt in the same process group

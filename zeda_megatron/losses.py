@@ -97,11 +97,3 @@ def sampled_reverse_kl(student_logits, teacher_logits, tokens, group=None, vocab
     log_t = token_logprob(teacher_logits.detach(), tokens, group, vocab_start)
     advantage = (log_t - log_s).detach()
     return -advantage * log_s, (log_s - log_t).detach()
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over tokens where ``mask`` is true (all tokens when None)."""
-    if mask is None:
-        return values.mean()
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)

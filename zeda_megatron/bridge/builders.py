@@ -6,8 +6,6 @@ TP/PP/EP position). Null experts come from :class:`zeda_megatron.mcore.config.Nu
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from zeda_megatron.bridge.hf_config import (
@@ -20,35 +18,8 @@ from zeda_megatron.bridge.hf_config import (
     transformer_config,
 )
 
-log = logging.getLogger(__name__)
 
-
-def _block_spec(config, null, vp_stage=None):
-    """The lead's null-expert block spec when present; stock local spec + SDPA attention otherwise."""
-    try:
-        from zeda_megatron.mcore.specs import gpt_block_spec
-    except ImportError:  # the null-expert layer is not in this tree yet
-        gpt_block_spec = None
-    if gpt_block_spec is not None:
-        return gpt_block_spec(config, null, vp_stage=vp_stage)
-    if null is not None and null.num_null_experts:
-        raise BridgeError("null experts need zeda_megatron.mcore.specs.gpt_block_spec, which is missing")
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-
-    from zeda_megatron.platform import on_cpu
-
-    spec = get_gpt_decoder_block_spec(
-        config, use_transformer_engine=not on_cpu(), normalization=config.normalization
-    )
-    if on_cpu():
-        from zeda_megatron.mcore.attention import SDPACoreAttention
-
-        for layer in spec.layer_specs:
-            layer.submodules.self_attention.submodules.core_attention = SDPACoreAttention
-    return spec
-
-
-def check_layout(info: HFModelInfo, *, tp: int, ep: int, pp: int, null=None) -> None:
+def check_layout(info: HFModelInfo, *, tp: int, ep: int, pp: int) -> None:
     """Errors naming the setting for layouts this checkpoint cannot be split into (the rules:
     :func:`zeda_megatron.layout.check_layout`)."""
     from zeda_megatron.layout import LayoutError
@@ -77,6 +48,7 @@ def build_model(
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
+    from zeda_megatron.mcore.specs import gpt_block_spec
     from zeda_megatron.platform import setup_platform
 
     setup_platform()
@@ -89,7 +61,7 @@ def build_model(
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     ep = ps.get_expert_model_parallel_world_size()
-    check_layout(info, tp=tp, ep=ep, pp=pp, null=null)
+    check_layout(info, tp=tp, ep=ep, pp=pp)
     overrides = dict(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -103,7 +75,7 @@ def build_model(
         from zeda_megatron.mcore.config import validate
 
         validate(config, null, ep_size=ep)
-    spec = _block_spec(config, null, vp_stage)
+    spec = gpt_block_spec(config, null, vp_stage=vp_stage)
     virtual = vp_stage is not None
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=not virtual, vp_stage=vp_stage)

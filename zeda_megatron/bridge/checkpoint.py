@@ -102,7 +102,7 @@ def load_checkpoint(ckpt_dir: str, **config_overrides):
     if os.path.isdir(mdir):
         state = dist_checkpointing.load(model.sharded_state_dict(), mdir)
     else:  # a training run's checkpoints folder: {"model", "optimizer"} per iteration
-        from zeda_megatron.training.ds_weights import is_deepspeed_checkpoint, load_student_weights
+        from zeda_megatron.bridge.ds_weights import is_deepspeed_checkpoint, load_student_weights
 
         it = _latest_iteration(ckpt_dir)
         if is_deepspeed_checkpoint(it):  # engine=deepspeed: the student's weights per EP rank beside DeepSpeed's files

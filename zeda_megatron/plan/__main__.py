@@ -24,49 +24,44 @@ import sys
 DEFAULT_GPU_GB = 80.0
 
 
+def normalise_long_options(argv: list[str]) -> list[str]:
+    """``--time X`` / ``--time=X`` (and ``--lengths``) as ``time=X``, the form the other options take."""
+    out, args = [], iter(argv)
+    for a in args:
+        if a in ("--time", "--lengths"):
+            a = f"{a}={next(args, '')}"
+        out.append(a[2:] if a.startswith(("--time=", "--lengths=")) else a)
+    return out
+
+
 def main(argv=None) -> int:
     from zeda_megatron.plan.fixes import plan_with_fixes
     from zeda_megatron.plan.memory import PlanError
     from zeda_megatron.plan.report import format_table, json_line
-    from zeda_megatron.spec import ConfigError, compose, resolve
+    from zeda_megatron.spec import ConfigError, compose_command, resolve
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    gpu_gb, world, overrides = None, None, []
-    timing = {"gpu": None, "time": None, "lengths": None, "prompts": None}
-    args = iter(argv)
-    for a in args:
-        if a in ("--time", "--lengths"):  # --time X / --lengths F
-            a = f"{a[2:]}={next(args, '')}"
-        a = a[2:] if a.startswith(("--time=", "--lengths=")) else a
-        key = a.split("=", 1)[0]
-        if key == "gpu_gb":
-            gpu_gb = float(a.split("=", 1)[1])
-        elif key == "world":
-            world = int(a.split("=", 1)[1])
-        elif key in timing:
-            timing[key] = a.split("=", 1)[1]
-        else:
-            overrides.append(a)
+    argv = normalise_long_options(list(sys.argv[1:] if argv is None else argv))
+    options = {"gpu_gb": float, "world": int, "gpu": str, "time": str, "lengths": str, "prompts": int}
     try:
-        if timing["gpu"] is not None and gpu_gb is None:
+        parsed = compose_command(argv, options, __doc__)
+        if parsed is None:
+            return 0
+        opts, cfg = parsed
+        if opts["gpu"] is not None and opts["gpu_gb"] is None:
             from zeda_megatron.plan.devices import device
 
-            gpu_gb = device(timing["gpu"]).memory_gb
-        cfg = compose(overrides, run_dir=".")
-        spec = resolve(cfg, world, inputs=False, on_gpu=True, gpu_gb=gpu_gb)
+            opts["gpu_gb"] = device(opts["gpu"]).memory_gb
+        spec = resolve(cfg, opts["world"], inputs=False, on_gpu=True, gpu_gb=opts["gpu_gb"])
         if spec.layout.gpu_memory_bytes is None:
-            spec = resolve(cfg, world, inputs=False, on_gpu=True, gpu_gb=DEFAULT_GPU_GB)
+            spec = resolve(cfg, opts["world"], inputs=False, on_gpu=True, gpu_gb=DEFAULT_GPU_GB)
         plan = plan_with_fixes(spec)
         text = None
-        if timing["gpu"] is not None:
-            from zeda_megatron.plan.time import time_plan_for
+        if opts["gpu"] is not None:
+            from zeda_megatron.plan.time import REFERENCE_PROMPTS, time_plan_for
 
-            text, times = time_plan_for(overrides, timing["gpu"], lengths_path=timing["lengths"],
-                                        time_limit=timing["time"], world=world,
-                                        n_prompts=int(timing["prompts"] or 60000))
+            overrides = [a for a in argv if a.partition("=")[0] not in options]
+            text, times = time_plan_for(overrides, opts["gpu"], lengths_path=opts["lengths"], time_limit=opts["time"],
+                                        world=opts["world"], n_prompts=opts["prompts"] or REFERENCE_PROMPTS)
             plan.update(times)
     except (ConfigError, PlanError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -188,7 +188,7 @@ def memory_plan(spec: RunSpec) -> dict:
     parts["reserve"] = int(RESERVE_FIXED + RESERVE_FRACTION * (gpu or DEFAULT_GPU_BYTES))
     static = sum(parts[k] for k in ("student_params", "student_grads", "optimizer_states", "teacher_params", "reserve"))
     train_peak = parts["activations"] + parts["loss_logits"]
-    # while sampling, the grad buffers and the optimizer states on the GPU are offloaded (training/rollout.offloaded)
+    # while sampling, the grad buffers and the optimizer states on the GPU are offloaded (training/offload.py)
     rollout_static = static - (parts["student_grads"] + parts["optimizer_states"] if stage.offload_while_sampling else 0)
     # the largest decode batch (slots of seq_length positions per rank) that fits while sampling
     rollout_batch_max = max(0, int((gpu - rollout_static) // per_sequence) - 1) if (gpu and per_sequence) else None

@@ -2,7 +2,7 @@
 job: ``spec = resolve(compose(overrides), world)``; every config error is a :class:`ConfigError` naming
 the key."""
 
-from zeda_megatron.spec.compose import CONF_DIR, compose
+from zeda_megatron.spec.compose import CONF_DIR, compose, compose_command
 from zeda_megatron.spec.lookup import ConfigError
 from zeda_megatron.spec.resolve import resolve
 from zeda_megatron.spec.types import (
@@ -11,5 +11,5 @@ from zeda_megatron.spec.types import (
 
 __all__ = [
     "CONF_DIR", "ConfigError", "DataSpec", "EngineSpec", "LayoutSpec", "ModelSpec", "NullSpec", "OptimSpec",
-    "RunSpec", "StageSpec", "TrainerSpec", "compose", "resolve",
+    "RunSpec", "StageSpec", "TrainerSpec", "compose", "compose_command", "resolve",
 ]

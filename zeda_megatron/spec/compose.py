@@ -18,3 +18,29 @@ def compose(overrides: list[str], run_dir: str | None = None):
     extra = [] if run_dir is None or any(o.startswith("run_dir=") for o in overrides) else [f"run_dir={run_dir}"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         return hydra_compose(config_name="config", overrides=[*extra, *overrides])
+
+
+def compose_command(argv: list[str] | None, options: dict, doc: str):
+    """A config command's arguments (``python -m zeda_megatron.<command> <overrides> [name=value ...]``):
+    ``(values, cfg)`` with ``values[name]`` parsed by ``options[name]`` (None when not given) and ``cfg``
+    composed from the other arguments (Hydra overrides, run folder "."); None after printing ``doc`` for
+    ``-h``/``--help``. A value its parser rejects raises a ConfigError naming the argument."""
+    import sys
+
+    from zeda_megatron.spec.lookup import ConfigError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc)
+        return None
+    values, overrides = dict.fromkeys(options), []
+    for a in argv:
+        name, eq, text = a.partition("=")
+        if not eq or name not in options:
+            overrides.append(a)
+            continue
+        try:
+            values[name] = options[name](text)
+        except ValueError as e:
+            raise ConfigError(f"{a}: {e}") from e
+    return values, compose(overrides, run_dir=".")

@@ -21,7 +21,7 @@ cut (its first ``S`` positions are kept).
 
 Micro-batch dicts: ``tokens``, ``labels``, ``loss_mask``, ``position_ids``, ``padding_mask`` (+
 ``prompt_length`` padded, + ``packed_seq_params`` and ``cu_seqlens`` packed). Tensors are on the CPU;
-:func:`batch_to` moves one (PackedSeqParams included) to the model's device.
+the step moves them to the model's device (:func:`zeda_megatron.training.step.to_device`).
 """
 
 from __future__ import annotations
@@ -32,14 +32,16 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a position that is not trained (megatron's and torch's convention)
 PACK_WINDOW = 4096  # documents per best-fit window (larger: fuller bins, longer planning)
+SEED_STRIDE = 1_000_003  # a prime: seed * SEED_STRIDE + offset gives each (run seed, epoch/step) its own seed
+MAX_SEED = 2**63 - 1  # torch.Generator seeds are signed 64-bit
 
 
 # ---- order -------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) % (2**63 - 1))
+    gen = torch.Generator().manual_seed((int(seed) * SEED_STRIDE + int(epoch)) % MAX_SEED)
     return torch.randperm(n, generator=gen)
 
 
@@ -98,7 +100,7 @@ class PackPlan:
     def __init__(self, positions: np.ndarray, seq_length: int, seed: int, epoch: int, window: int = PACK_WINDOW):
         n = len(positions)
         perm = _epoch_order(n, seed, epoch).numpy()
-        dtype = np.int64 if n >= 2**31 else np.int32
+        dtype = np.int64 if n > np.iinfo(np.int32).max else np.int32
         docs: list[np.ndarray] = []  # one array per window (few, small objects)
         sizes: list[np.ndarray] = []
         for w0 in range(0, n, window):
@@ -195,22 +197,6 @@ def pack_documents(dataset, bins: list, seq_length: int | None = None, pad_id: i
 # ---- batches -----------------------------------------------------------------------------------------
 def collate(samples: list[dict]) -> dict:
     return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
-
-
-def batch_to(batch: dict, device) -> dict:
-    """The micro-batch on ``device`` (tensors and the PackedSeqParams' cu_seqlens)."""
-    import dataclasses
-
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            out[k] = v.to(device, non_blocking=True)
-        elif dataclasses.is_dataclass(v):
-            out[k] = dataclasses.replace(v, **{f.name: getattr(v, f.name).to(device) for f in dataclasses.fields(v)
-                                               if torch.is_tensor(getattr(v, f.name))})
-        else:
-            out[k] = v
-    return out
 
 
 def pad_fraction(batches) -> float:

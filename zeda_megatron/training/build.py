@@ -1,6 +1,6 @@
-"""Building the trainer's state on this rank: teacher and student (HF weights loaded, null rows drawn
-for the student), the student's megatron DDP wrapper, optimizer and LR scheduler, bundled as
-:class:`Engine`.
+"""The parts of a training engine on this rank (:mod:`zeda_megatron.training.engine` assembles them):
+teacher and student (HF weights loaded, null rows drawn for the student), the megatron engine's DDP
+wrapper and optimizer, the LR scheduler both engines use, the loss and null-expert settings.
 
 Training machinery is megatron-core's: DistributedDataParallel, get_megatron_optimizer (the
 distributed optimizer where the platform allows: not on CPU, where it requires CUDA tensors),
@@ -12,55 +12,12 @@ before (:func:`zeda_megatron.layout.check_layout`, through the config validation
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from zeda_megatron.mcore.config import NullExpertSettings
 from zeda_megatron.platform import on_cpu
 from zeda_megatron.spec import OptimSpec, RunSpec
-from zeda_megatron.training.distill import CoLocatedDistillation, LossSpec
-
-
-@dataclass
-class Engine:
-    """What a step needs: the co-located pair, the student's DDP wrapper, optimizer, scheduler,
-    the student's TransformerConfig, the HF model info, the null-expert settings, the loss."""
-
-    wrapper: CoLocatedDistillation
-    ddp: object
-    optimizer: object
-    scheduler: object
-    config: object
-    info: object
-    null: object
-    loss_spec: LossSpec
-
-    @property
-    def student(self):
-        return self.wrapper.student
-
-    @property
-    def teacher(self):
-        return self.wrapper.teacher
-
-    # The engine-specific operations of a step (engine=deepspeed overrides them:
-    # zeda_megatron/training/ds_engine.py); the backward runs in megatron-core's schedule.
-    kind = "megatron"
-
-    def start_step(self, microbatches: list) -> None:
-        """Before the forward/backward: zero the gradients (DDP buffers and optimizer)."""
-        self.ddp.zero_grad_buffer()
-        self.optimizer.zero_grad()
-
-    def finish_step(self):
-        """After the backward: optimizer step (clipping included), LR schedule; (ok, grad_norm)."""
-        ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
-        return ok, grad_norm
-
-    def current_lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+from zeda_megatron.training.distill import LossSpec
 
 
 def check_distributed_optimizer(optim: OptimSpec) -> None:
@@ -160,13 +117,3 @@ def build_optimizer(student, config, spec: RunSpec):
     config.finalize_model_grads_func = lambda model, num_tokens=None, **kw: finalize_model_grads([ddp], num_tokens, **kw)
     config.grad_scale_func = optimizer.scale_loss
     return ddp, optimizer, scheduler
-
-
-def build_megatron_engine(spec: RunSpec, hf_dir: str) -> Engine:
-    """Build teacher and student for this rank (after init_parallel), load the HF weights into both
-    (null rows drawn for the student with ``spec.seed``), wrap the student in DDP and build the optimizer."""
-    check_distributed_optimizer(spec.optim)  # before any weight is read
-    teacher, student, config, info = build_models(spec, hf_dir)
-    ddp, optimizer, scheduler = build_optimizer(student, config, spec)
-    wrapper = CoLocatedDistillation(ddp, teacher)
-    return Engine(wrapper, ddp, optimizer, scheduler, config, info, null_settings(spec), loss_spec(spec))

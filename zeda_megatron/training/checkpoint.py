@@ -1,9 +1,12 @@
-"""Student checkpoints: megatron-core dist_checkpointing (model + optimizer), scheduler, step.
+"""Student checkpoints: the engine's state (student weights + optimizer: megatron-core dist_checkpointing
+under ``engine=megatron``, DeepSpeed's own files under ``engine=deepspeed``; ``Engine.save_state``),
+the LR scheduler, the step.
 
-Layout: ``SAVE_DIR/iter_0000020/`` (a dist_checkpointing directory: loads under any layout) and
-``SAVE_DIR/latest`` naming the newest complete one. ``latest`` is replaced atomically after every
-rank finished writing, so an interrupted save never hides the previous checkpoint. The teacher is
-not saved: it is the original model, rebuilt from its source.
+Layout: ``SAVE_DIR/iter_0000020/`` (megatron: a dist_checkpointing directory, which loads under any
+layout) with ``zeda_train.json`` (step, scheduler, engine, run facts) and ``SAVE_DIR/latest`` naming
+the newest complete one. ``latest`` is replaced atomically after every rank finished writing, so an
+interrupted save never hides the previous checkpoint. The teacher is not saved: it is the original
+model, rebuilt from its source.
 
 Retention (``trainer.keep_checkpoints``, ``keep`` below): after a save has completed (``latest``
 replaced), rank 0 deletes older ``iter_*`` folders so that ``keep`` remain, the one just written
@@ -35,17 +38,9 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _sharded_state(engine, is_loading: bool):
-    model_sd = engine.student.sharded_state_dict()
-    opt_sd = engine.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
-    return {"model": model_sd, "optimizer": opt_sd}
-
-
 def save(engine, step: int, save_dir: str, extra: dict | None = None, keep: int = 0) -> str:
     """All ranks call. Returns the checkpoint directory. ``keep`` > 0: then delete older checkpoints
     (rank 0) so that ``keep`` remain (:func:`prune`)."""
-    from megatron.core import dist_checkpointing
-
     from zeda_megatron.bridge.checkpoint import write_meta
 
     path = os.path.join(save_dir, f"iter_{step:07d}")
@@ -53,14 +48,10 @@ def save(engine, step: int, save_dir: str, extra: dict | None = None, keep: int 
         os.makedirs(path, exist_ok=True)
     # model description + tokenizer files, so tools/export_hf.py --checkpoint SAVE_DIR works
     write_meta(engine.student, save_dir, hf_dir=(extra or {}).get("hf_dir"), seed=(extra or {}).get("seed"))
-    if getattr(engine, "save_state", None) is not None:  # engine=deepspeed: DeepSpeed's own format
-        _barrier()
-        engine.save_state(path)
-    else:
-        dist_checkpointing.save(_sharded_state(engine, is_loading=False), path)
+    engine.save_state(path)  # the student and its optimizer, in the engine's own format
     _barrier()
     if _rank0():
-        meta = {"step": step, "scheduler": engine.scheduler.state_dict(), "engine": getattr(engine, "kind", "megatron"),
+        meta = {"step": step, "scheduler": engine.scheduler.state_dict(), "engine": engine.kind,
                 **(extra or {})}
         with open(os.path.join(path, "zeda_train.json"), "w") as f:
             json.dump(meta, f, indent=1, default=str)
@@ -113,25 +104,37 @@ def latest(save_dir: str) -> str | None:
         return os.path.join(save_dir, f.read().strip())
 
 
+def resume_path(resume: str, save_dir: str) -> str | None:
+    """The checkpoint ``trainer.resume`` asks for: ``auto`` the newest in ``save_dir`` (None: a fresh
+    start), ``never`` None (refused when ``save_dir`` already holds checkpoints: nothing is
+    overwritten), or a path (its newest iteration when it is a save_dir). Decided before anything is
+    written or built."""
+    if resume == "never":
+        if latest(save_dir):
+            raise FileExistsError(
+                f"trainer.resume=never but {save_dir} already holds checkpoints: use trainer.resume=auto "
+                "to continue that run, or a new hydra.run.dir / trainer.save_dir (nothing was overwritten)"
+            )
+        return None
+    if resume == "auto":
+        return latest(save_dir)
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"trainer.resume={resume!r} is not a directory; use auto, never or a checkpoint path")
+    return latest(resume) or resume
+
+
 def load(engine, path: str) -> dict:
     """Restore student weights, optimizer and scheduler from ``path``; returns its metadata."""
-    from megatron.core import dist_checkpointing
-
     meta_path = os.path.join(path, "zeda_train.json")
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{path!r} is not a training checkpoint (no zeda_train.json); check trainer.resume")
     with open(meta_path) as f:
         meta = json.load(f)
-    if meta.get("engine", "megatron") != getattr(engine, "kind", "megatron"):
-        raise ValueError(f"{path!r} was written by engine={meta.get('engine', 'megatron')}; resume it with that "
-                         f"engine (engine={getattr(engine, 'kind', 'megatron')} now), or start from its weights "
-                         "with model.init_checkpoint")
-    if getattr(engine, "load_state", None) is not None:
-        engine.load_state(path)
-    else:
-        state = dist_checkpointing.load(_sharded_state(engine, is_loading=True), path)
-        engine.student.load_state_dict(state["model"], strict=True)
-        engine.optimizer.load_state_dict(state["optimizer"])
+    written_by = meta.get("engine", "megatron")  # checkpoints from before the engine was recorded: megatron
+    if written_by != engine.kind:
+        raise ValueError(f"{path!r} was written by engine={written_by}; resume it with that engine "
+                         f"(engine={engine.kind} now), or start from its weights with model.init_checkpoint")
+    engine.load_state(path)
     engine.scheduler.load_state_dict(meta["scheduler"])
     return meta
 
@@ -142,7 +145,7 @@ def load_model_only(student, path: str) -> None:
 
     if os.path.isfile(os.path.join(path, LATEST)):
         path = latest(path)
-    from zeda_megatron.training.ds_weights import is_deepspeed_checkpoint, load_student_weights
+    from zeda_megatron.bridge.ds_weights import is_deepspeed_checkpoint, load_student_weights
 
     if is_deepspeed_checkpoint(path):  # written by engine=deepspeed
         load_student_weights(student, path)

@@ -14,18 +14,18 @@ per concern):
 from __future__ import annotations
 
 from zeda_megatron.training.batching import (  # noqa: F401
-    PACK_WINDOW, PackPlan, PackedRows, batch_to, best_fit_decreasing, collate, iterate_batches, pack_documents,
+    IGNORE_INDEX, PACK_WINDOW, PackPlan, PackedRows, best_fit_decreasing, collate, iterate_batches, pack_documents,
     pad_fraction, prompts_of, sample_indices, step_indices, step_rows,
 )
 from zeda_megatron.training.datasets import (  # noqa: F401
-    IGNORE_INDEX, DocumentDataset, JsonlDataset, PreparedDataset, PreparedPromptDataset, PromptDataset,
-    SyntheticDataset, build_dataset, cut_prompt, data_source_exists, make_sample, prepared_prefix, prompt_sample,
+    DocumentDataset, JsonlDataset, PreparedDataset, PreparedPromptDataset, PromptDataset,
+    SyntheticDataset, build_dataset, cut_prompt, data_source_exists, prepared_prefix, prompt_sample,
     sample_from_document,
 )
 from zeda_megatron.training.jsonl import FORMATS, check_jsonl, iter_jsonl, read_jsonl  # noqa: F401
 from zeda_megatron.training.prepared import PreparedData, is_prepared, prepare  # noqa: F401
 from zeda_megatron.training.templates import (  # noqa: F401
-    encode_prompt, encode_prompts, encode_records, encode_responses, encode_texts, prompt_text,
+    encode_prompts, encode_records, encode_responses, encode_texts, prompt_text,
 )
 from zeda_megatron.training.tokenizers import ByteTokenizer, HFTokenizer, as_tokenizer, load_tokenizer  # noqa: F401
 

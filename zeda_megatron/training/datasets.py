@@ -3,7 +3,7 @@
 Stage 1 (``stage=sft``) datasets are *document* datasets: document ``i`` is a token id sequence
 with a loss mask (``document(i) -> (ids, mask)``, cut to ``seq_length + 1`` ids), from which
 
-* ``ds[i]`` gives a padded sample of length ``S = seq_length`` (the contract's batch format: ``tokens``,
+* ``ds[i]`` gives a padded sample of length ``S = seq_length`` (the trainer's batch format: ``tokens``,
   ``labels`` (megatron-style shifted: ``labels[i]`` is predicted from ``tokens[:i+1]``, -100 where not
   trained), ``loss_mask``, ``position_ids``, ``padding_mask`` (True on pads, which sit on the right),
   ``prompt_length``);
@@ -22,7 +22,7 @@ synthetic corpus with ``stage="opd"``) give left-aligned prompts padded to ``S``
 question and the generation prompt are); :func:`zeda_megatron.training.batching.prompts_of` turns a
 batch into id lists.
 
-:func:`build_dataset` picks the dataset for a composed config: ``data.path`` a prepared prefix (used
+:func:`build_dataset` picks the dataset for the run's spec: ``data.path`` a prepared prefix (used
 as is), a JSONL file (prepared once into ``data.cache_dir``, then read like a prefix), or null (the
 synthetic corpus).
 """
@@ -35,14 +35,12 @@ import os
 import numpy as np
 import torch
 
+from zeda_megatron.training.batching import IGNORE_INDEX
 from zeda_megatron.training.jsonl import read_jsonl
 from zeda_megatron.training.prepared import PreparedData, default_prefix, is_prepared, prepare
 from zeda_megatron.training.templates import encode_prompts, encode_records, encode_responses
-from zeda_megatron.training.tokenizers import cfg_get
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 # ---- samples ---------------------------------------------------------------------------------------
@@ -67,17 +65,6 @@ def sample_from_document(ids, mask, seq_length: int, pad_id: int, prompt_length:
         "padding_mask": padding,
         "prompt_length": torch.tensor(min(prompt_length, seq_length), dtype=torch.long),
     }
-
-
-def make_sample(prompt_ids: list[int], target_ids: list[int], seq_length: int, pad_id: int) -> dict | None:
-    """The padded sample of ``prompt_ids + target_ids`` (loss on ``target_ids``); None when the
-    truncation to ``seq_length`` leaves no trained token."""
-    ids = list(prompt_ids) + list(target_ids)
-    first = max(len(prompt_ids), 1)
-    if first >= min(len(ids), seq_length + 1):
-        return None
-    mask = [i >= first for i in range(len(ids))]
-    return sample_from_document(ids, mask, seq_length, pad_id, len(prompt_ids))
 
 
 def prompt_sample(ids, seq_length: int, pad_id: int) -> dict:
@@ -360,23 +347,19 @@ def prepared_prefix(path: str, tokenizer, fmt: str = "auto", chat_template: bool
     return prefix
 
 
-def build_dataset(cfg, tokenizer):
-    """The training dataset of the composed config for its stage: data.path, or the synthetic corpus
-    when it is null. Stage-1 datasets carry ``packing`` (``data.packing``), which
-    :func:`.batching.iterate_batches` follows."""
-    stage = cfg.stage.name
-    path = cfg.data.path
-    seq = int(cfg.trainer.seq_length)
-    chat = bool(cfg_get(cfg.data, "chat_template", False))
-    if path is None:
-        ds = SyntheticDataset(tokenizer, seq, int(cfg_get(cfg.data, "synthetic_samples", 512)),
-                              seed=int(cfg.seed), stage=stage, max_new_tokens=int(cfg.stage.max_new_tokens))
+def build_dataset(spec, tokenizer):
+    """The training dataset of the run (a :class:`~zeda_megatron.spec.RunSpec`) for its stage:
+    ``data.path``, or the synthetic corpus when it is null. Stage-1 datasets carry ``packing``
+    (``data.packing``), which :func:`.batching.iterate_batches` follows."""
+    data, stage, seq = spec.data, spec.stage, spec.trainer.seq_length
+    if data.path is None:
+        ds = SyntheticDataset(tokenizer, seq, data.synthetic_samples, seed=spec.seed, stage=stage.name,
+                              max_new_tokens=stage.max_new_tokens)
     else:
-        prefix = prepared_prefix(str(path), tokenizer, cfg_get(cfg.data, "format", "auto"), chat, stage,
-                                 cfg_get(cfg.data, "cache_dir"))
-        if stage == "opd":
-            return PreparedPromptDataset(prefix, tokenizer, seq, int(cfg.stage.max_new_tokens), chat)
-        ds = PreparedDataset(prefix, tokenizer, seq, chat)
-    if stage != "opd":
-        ds.packing = bool(cfg_get(cfg.data, "packing", False))
+        prefix = prepared_prefix(data.path, tokenizer, data.format, data.chat_template, stage.name, data.cache_dir)
+        if stage.needs_sampling:
+            return PreparedPromptDataset(prefix, tokenizer, seq, stage.max_new_tokens, data.chat_template)
+        ds = PreparedDataset(prefix, tokenizer, seq, data.chat_template)
+    if not stage.needs_sampling:
+        ds.packing = data.packing
     return ds

@@ -1,13 +1,15 @@
 """``engine=deepspeed``: the megatron-core student wrapped by a DeepSpeed engine (ZeRO 1/2/3, CPU
 offload), the frozen teacher beside it (never handed to DeepSpeed), the same trainer loop.
 
-What differs from ``engine=megatron`` sits behind the few methods the trainer calls on an engine
-(:class:`zeda_megatron.training.build.Engine`): ``start_step`` (zero the gradients, set the loss
-scale), the backward (megatron-core's schedule runs it: the DeepSpeed engine's forward registers its
-backward hooks on the student's output, so ``torch.autograd.backward`` in the schedule is a DeepSpeed
-backward), ``finish_step`` (DeepSpeed's step: ZeRO reduction, grad clipping, AdamW, LR from megatron's
-OptimizerParamScheduler), ``current_lr``, ``save_state``/``load_state`` (DeepSpeed's own
-save_checkpoint/load_checkpoint, plus the student's weights per expert-parallel rank for export).
+This module builds DeepSpeed's engine around the student (:func:`wrap_student`: DeepSpeed's config,
+megatron-core's expert groups under DeepSpeed-MoE's names, the optimizer groups).
+:class:`zeda_megatron.training.engine.DeepSpeedTrainEngine` steps it behind the trainer's engine
+interface: ``start_step`` (zero the gradients, set the loss scale), the backward (megatron-core's
+schedule runs it: the DeepSpeed engine's forward registers its backward hooks on the student's output,
+so ``torch.autograd.backward`` in the schedule is a DeepSpeed backward), ``finish_step`` (DeepSpeed's
+step: ZeRO reduction, grad clipping, AdamW, LR from megatron's OptimizerParamScheduler), ``current_lr``,
+``save_state``/``load_state`` (DeepSpeed's own save_checkpoint/load_checkpoint, plus the student's
+weights per expert-parallel rank for export).
 
 Gradients equal megatron's: megatron sums the per-token loss over micro-batches and DP ranks and
 divides the gradients by the global token count (``calculate_per_token_loss``); DeepSpeed averages
@@ -27,19 +29,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import os
 
 import torch
 import torch.distributed as dist
 
-from zeda_megatron.distributed import comm_device
 from zeda_megatron.platform import on_cpu
 from zeda_megatron.spec import EngineSpec, OptimSpec, RunSpec
-from zeda_megatron.training.build import Engine, build_models, build_scheduler, loss_spec, null_settings
-from zeda_megatron.training.distill import CoLocatedDistillation
+from zeda_megatron.training.build import build_scheduler
 
-from zeda_megatron.training.ds_weights import DS_TAG, WEIGHTS, load_student_weights
+NEVER = 2**31 - 1  # DeepSpeed's steps_per_print: the trainer logs the steps itself
 
 
 def deep_merge(base: dict, extra: dict | None) -> dict:
@@ -76,7 +74,7 @@ def ds_config(engine: EngineSpec, *, optim: OptimSpec, micro_batch_size: int, pa
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # torch AdamW as the client optimizer, also when offloaded
         "bf16": {"enabled": params_dtype == torch.bfloat16},
-        "steps_per_print": 2**31 - 1,
+        "steps_per_print": NEVER,
         "wall_clock_breakdown": False,
     }
     return deep_merge(base, engine.config)
@@ -173,147 +171,16 @@ def _quiet_deepspeed():
         lg.setLevel(level)
 
 
-class DeepSpeedTrainEngine(Engine):
-    """:class:`Engine` whose student step runs through a DeepSpeed engine (``self.ds``)."""
-
-    kind = "deepspeed"
-
-    def __init__(self, wrapper, ds, scheduler, config, info, null, loss_spec, *, zero_stage: int, ep: int):
-        super().__init__(wrapper, ds, ds.optimizer, scheduler, config, info, null, loss_spec)
-        self.ds = ds
-        self.zero_stage = zero_stage
-        self.ep = ep
-        self.loss_scale = 1.0
-
-    # -- the step -------------------------------------------------------------------------------
-    def start_step(self, microbatches: list[dict]) -> None:
-        from megatron.core import parallel_state as ps
-
-        self.ds.zero_grad()
-        tokens = torch.zeros(1, dtype=torch.float64, device=comm_device())
-        for mb in microbatches:
-            tokens += mb["loss_mask"].detach().double().sum().to(tokens.device)
-        dist.all_reduce(tokens, group=ps.get_data_parallel_group(with_context_parallel=True))
-        self.loss_scale = ps.get_data_parallel_world_size() / max(float(tokens), 1.0)
-
-    def finish_step(self):
-        self.ds.step()
-        norm = self.ds.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
-        self.scheduler.step(increment=1)
-        return bool(torch.isfinite(torch.tensor(norm))), norm
-
-    def current_lr(self) -> float:
-        return self.scheduler.optimizer.param_groups[0]["lr"]
-
-    def _no_sync(self):
-        ds = self.ds
-
-        @contextlib.contextmanager
-        def ctx():
-            ds.set_gradient_accumulation_boundary(False)
-            try:
-                yield
-            finally:
-                ds.set_gradient_accumulation_boundary(True)
-
-        return ctx()
-
-    def _finalize(self, model, num_tokens=None, **kw):
-        """What megatron's finalize_model_grads does beyond DP reduction and token scaling (both
-        DeepSpeed's / the loss scale's here): the expert-bias update."""
-        from megatron.core import parallel_state as ps
-        from megatron.core.distributed.finalize_model_grads import reset_model_temporary_tensors
-        from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
-
-        cfg = self.config
-        routers = [] if not getattr(cfg, "moe_router_enable_expert_bias", False) else \
-            [m for m in self.student.modules() if getattr(m, "expert_bias", None) is not None
-             and m.training and not getattr(m, "frozen_expert_bias", False)]
-        if routers:
-            new = get_updated_expert_bias(
-                torch.stack([r.local_tokens_per_expert for r in routers]),
-                torch.stack([r.expert_bias for r in routers]), cfg.moe_router_bias_update_rate,
-                tp_dp_cp_group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
-            for r, b in zip(routers, new):
-                r.expert_bias.copy_(b)
-        reset_model_temporary_tensors(cfg, [self.student])
-
-    # -- checkpoints ------------------------------------------------------------------------------
-    def save_state(self, path: str) -> None:
-        """DeepSpeed's save_checkpoint into ``path/ds`` (module, ZeRO partitions of the optimizer)
-        and this expert-parallel rank's student weights (``student_ep###.pt``, gathered under
-        ZeRO-3) for export / ``model.init_checkpoint``."""
-        from megatron.core import parallel_state as ps
-
-        self.ds.save_checkpoint(path, tag=DS_TAG, save_latest=False)
-        state = self.full_student_state()
-        if ps.get_expert_data_parallel_rank() == 0:
-            ep_rank = ps.get_expert_model_parallel_rank()
-            torch.save(state, os.path.join(path, WEIGHTS.format(ep=ep_rank)))
-            if dist.get_rank() == 0:
-                with open(os.path.join(path, "ds_layout.json"), "w") as f:
-                    json.dump({"ep": self.ep, "zero_stage": self.zero_stage}, f)
-        dist.barrier()
-
-    def load_state(self, path: str) -> None:
-        load_path, _ = self.ds.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
-                                               load_lr_scheduler_states=False, load_module_strict=False)
-        if load_path is None:
-            raise FileNotFoundError(f"{path!r}: DeepSpeed checkpoint tag {DS_TAG!r} not found")
-        if self.zero_stage < 3:  # module states hold one EP rank's experts: restore this rank's
-            load_student_weights(self.student, path)
-
-    def full_student_state(self) -> dict:
-        if self.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.student.parameters()), modifier_rank=None):
-                return {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()
-                        if torch.is_tensor(v)}
-        return {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items() if torch.is_tensor(v)}
-
-    # -- accounting -------------------------------------------------------------------------------
-    def optimizer_state_bytes(self) -> dict:
-        """Bytes of this rank's optimizer state (Adam moments + fp32 master partitions), by device."""
-        return optimizer_state_bytes(self.ds.optimizer)
-
-
-def optimizer_state_bytes(optimizer, masters: bool = True) -> dict:
-    """{device type: bytes} of the tensors in an optimizer's state (Adam's moments and step
-    counters) and, with ``masters``, a DeepSpeed ZeRO optimizer's fp32 master partitions, measured
-    from the tensors."""
-    out: dict = {}
-    seen = set()
-
-    def add(t):
-        if torch.is_tensor(t) and id(t) not in seen:
-            seen.add(id(t))
-            out[t.device.type] = out.get(t.device.type, 0) + t.numel() * t.element_size()
-
-    chained = getattr(optimizer, "chained_optimizers", None)  # megatron: dense + expert optimizers
-    for opts in (chained if chained else [optimizer]):
-        while not isinstance(opts, torch.optim.Optimizer) and hasattr(opts, "optimizer"):
-            opts = opts.optimizer  # megatron's / DeepSpeed's wrapper -> the torch optimizer
-        for st in opts.state.values():
-            for v in st.values():
-                add(v)
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat") if masters else ():
-        for t in getattr(optimizer, name, None) or []:
-            add(t)
-    return out
-
-
-def build_ds_engine(spec: RunSpec, hf_dir: str) -> DeepSpeedTrainEngine:
-    """Teacher + student as :func:`zeda_megatron.training.build.build_megatron_engine`, the student wrapped
-    by DeepSpeed (``spec.engine``: conf/engine/deepspeed.yaml). After init_parallel (PP=1)."""
+def wrap_student(student, spec: RunSpec):
+    """The student wrapped by DeepSpeed per ``spec.engine`` (conf/engine/deepspeed.yaml), with torch's
+    AdamW over megatron-core's parameter groups and megatron's LR schedule; after
+    :func:`init_deepspeed_comm` and init_parallel (PP=1). Returns (DeepSpeed engine, scheduler, ZeRO
+    stage, expert-parallel size)."""
     from deepspeed import set_optimizer_flags
     from deepspeed.runtime.config import DeepSpeedConfig
     from megatron.core import parallel_state as ps
 
     optim, dtype = spec.optim, spec.trainer.dtype
-    init_deepspeed_comm()
-    teacher, student, config, info = build_models(spec, hf_dir)
     ep = ps.get_expert_model_parallel_world_size()
     name = register_expert_groups(ep)
     groups = param_groups(student, optim=optim, group_name=name)
@@ -328,10 +195,4 @@ def build_ds_engine(spec: RunSpec, hf_dir: str) -> DeepSpeedTrainEngine:
                              config_class=config_class)
     ds.has_moe_layers = False  # checkpoints: DeepSpeed's plain path (its MoE path knows only its MoE modules)
     scheduler = build_scheduler(client, optim, spec.trainer.max_steps)
-    wrapper = CoLocatedDistillation(ds, teacher)
-    engine = DeepSpeedTrainEngine(wrapper, ds, scheduler, config, info, null_settings(spec), loss_spec(spec),
-                                  zero_stage=int(cfg["zero_optimization"]["stage"]), ep=ep)
-    config.no_sync_func = engine._no_sync
-    config.finalize_model_grads_func = engine._finalize
-    config.grad_scale_func = lambda loss: loss * engine.loss_scale
-    return engine
+    return ds, scheduler, int(cfg["zero_optimization"]["stage"]), ep

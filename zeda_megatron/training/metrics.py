@@ -5,11 +5,12 @@
   resumes from), so the file stays one line per step; ``resume_step=0`` starts it afresh.
 * :class:`WandbLogger` wraps ``wandb`` (rank 0 only): ``mode`` online / offline / disabled; online
   without an API key (``WANDB_API_KEY`` or a netrc entry for the W&B host) falls back to offline with
-  a logged note; group / name / config come from the resolved config; the run id is kept in
+  a logged note; group / name / config come from the run's spec and config; the run id is kept in
   ``<run_dir>/wandb_run_id`` so a resumed run continues the same W&B run.
 * :class:`ProgressPrinter` prints ``step 3/20 | loss 4.1234 | kl 0.0123 | null 0.341 | 1.2k tok/s |
   lr 2.00e-05 | eta 0:01:23`` per step on rank 0.
 * :func:`save_resolved_config` writes the resolved config beside the run (``config.yaml``).
+* :class:`RunLog` is what the trainer holds: the three above, fed one step's metrics at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from urllib.parse import urlparse
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+JSON_INF = 1e308  # what an infinite metric is written as (JSON has no infinity; NaN becomes null)
 
 
 def _scalar(x):
@@ -45,7 +47,7 @@ def _scalar(x):
     if isinstance(x, (list, tuple)):
         return [_scalar(v) for v in x]
     if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else (1e308 if x > 0 else -1e308)
+        return None if math.isnan(x) else (JSON_INF if x > 0 else -JSON_INF)
     return x
 
 
@@ -153,12 +155,13 @@ class WandbLogger:
 
     MODES = ("online", "offline", "disabled")
 
-    def __init__(self, cfg, rank0: bool = True, run_dir: str | None = None):
-        from omegaconf import OmegaConf
-
-        wcfg = cfg.logging.wandb
+    def __init__(self, spec, rank0: bool = True, run_dir: str | None = None, config: Mapping | None = None):
+        """``spec``: the run's :class:`~zeda_megatron.spec.RunSpec` (``logging.wandb``: mode, project,
+        entity, group, name, dir, tags; the default group is ``<model.name>-<stage.name>``).
+        ``config``: what W&B records as the run's config (the trainer hands the composed config)."""
+        wcfg = dict(spec.logging.get("wandb") or {})
         self.run = None
-        self.mode = str(wcfg.mode)
+        self.mode = str(wcfg.get("mode", "disabled"))
         if self.mode not in self.MODES:
             raise ValueError(f"logging.wandb.mode={self.mode!r} is unknown; use one of {list(self.MODES)}")
         if not rank0 or self.mode == "disabled":
@@ -167,8 +170,8 @@ class WandbLogger:
             log.warning("logging.wandb.mode=online but no W&B API key (WANDB_API_KEY or `wandb login`): "
                         "logging offline instead; upload later with `wandb sync`")
             self.mode = "offline"
-        run_dir = run_dir or str(cfg.run_dir)
-        wdir = str(wcfg.dir) if wcfg.get("dir") else run_dir
+        run_dir = run_dir or str(spec.run_dir)
+        wdir = str(wcfg["dir"]) if wcfg.get("dir") else run_dir
         os.makedirs(wdir, exist_ok=True)
         import wandb
 
@@ -182,16 +185,16 @@ class WandbLogger:
             with open(id_file, "w") as f:
                 f.write(run_id)
         self.run = wandb.init(
-            project=wcfg.project,
+            project=wcfg.get("project"),
             entity=wcfg.get("entity"),
-            group=wcfg.get("group") or f"{cfg.model.name}-{cfg.stage.name}",
+            group=wcfg.get("group") or f"{spec.model.name}-{spec.stage.name}",
             name=wcfg.get("name") or os.path.basename(os.path.normpath(run_dir)),
             tags=list(wcfg.get("tags") or []),
             dir=wdir,
             mode=self.mode,
             id=run_id,
             resume="allow",
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=dict(config) if config is not None else spec.to_dict(),
             settings=wandb.Settings(console="off", x_disable_stats=True, x_disable_meta=True, disable_git=True,
                                     save_code=False, silent=True),
         )
@@ -260,3 +263,23 @@ class ProgressPrinter:
         stream = self.stream or sys.stdout
         print(line, file=stream, flush=True)
         return line
+
+
+class RunLog:
+    """The trainer's step log: ``metrics.jsonl``, W&B and the progress line, from the run's spec (rank 0
+    writes; other ranks no-op). ``start_step``: the step a resumed run continues from."""
+
+    def __init__(self, spec, run_dir: str, *, rank0: bool, start_step: int = 0, config: Mapping | None = None):
+        self.writer = MetricsWriter(run_dir, rank0=rank0, resume_step=start_step)
+        self.wandb = WandbLogger(spec, rank0=rank0, run_dir=run_dir, config=config)
+        self.progress = ProgressPrinter(spec.trainer.max_steps, rank0=rank0,
+                                        enabled=bool(spec.logging.get("progress", True)), start_step=start_step)
+
+    def log(self, step: int, metrics: Mapping) -> None:
+        self.writer.write(step, metrics)
+        self.wandb.log(metrics, step)
+        self.progress.update(step, metrics)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.wandb.finish()

@@ -42,3 +42,20 @@ def write_random_hf(hf_config: dict, path: str, seed: int) -> str:
     model.save_pretrained(path + ".tmp")
     os.replace(path + ".tmp", path)
     return path
+
+
+def teacher_hf_dir(model, run_dir: str, seed: int) -> str:
+    """The original model's HF folder for a run (``model``: its :class:`~zeda_megatron.spec.ModelSpec`):
+    ``model.hf_dir``, or (random-init test models) a seeded random checkpoint written once into the run
+    folder by rank 0. All ranks call."""
+    import torch.distributed as dist
+
+    if model.hf_dir:
+        return model.hf_dir
+    path = os.path.join(run_dir, "teacher_hf")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0 and not os.path.isfile(os.path.join(path, "config.json")):
+        write_random_hf(model.hf_config, path, seed=seed)
+    if dist.is_initialized():
+        dist.barrier()
+    return path

@@ -1,9 +1,10 @@
 """One optimizer step of the co-located pair: batches onto the model's device, the pipeline
 schedule, the optimizer step, the reported sums.
 
-Batches arrive in the project's batch format (built on the host by the data code, see the
-coordination contract): ``tokens``/``labels``/``position_ids`` [b, s] long, ``loss_mask`` [b, s]
-float, ``padding_mask`` [b, s] bool (True at pads), optional ``packed_seq_params``. The step moves
+Batches arrive in the project's batch format (built on the host by the data code, :mod:`.batching`,
+or by the sampler, :mod:`.rollout`): ``tokens``/``labels``/``position_ids`` [b, s] long (labels
+:data:`~.batching.IGNORE_INDEX` where not trained), ``loss_mask`` [b, s] float, ``padding_mask``
+[b, s] bool (True at pads), optional ``packed_seq_params``. The step moves
 them to the model's device (:func:`model_device`), right-pads every micro-batch to one length that
 is a multiple of what the layout needs (TP under sequence parallelism), and hands ``padding_mask``
 to both models; attention is causal (``attention_mask`` None). The only host syncs are the reported
@@ -18,10 +19,8 @@ import torch
 import torch.distributed as dist
 
 from zeda_megatron.distributed import all_reduce_host, comm_device
+from zeda_megatron.training.batching import IGNORE_INDEX
 from zeda_megatron.training.distill import double_hidden_shapes, loss_func
-
-BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "padding_mask")
-IGNORE_INDEX = -100
 
 
 def model_device() -> torch.device:
@@ -36,7 +35,7 @@ def seq_multiple(config) -> int:
 
 def pad_batch(batch: dict, length: int, pad_id: int = 0) -> dict:
     """Right-pad a micro-batch to ``length`` positions: pads get ``padding_mask`` True, ``loss_mask``
-    0, label -100 and position ids continuing the row (causal attention never lets a real token see
+    0, label IGNORE_INDEX and position ids continuing the row (causal attention never lets a real token see
     them). Tensors stay on their device. Keys other than the batch format's are passed through."""
     tokens = batch["tokens"]
     b, s = tokens.shape

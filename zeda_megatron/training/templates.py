@@ -50,10 +50,6 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = Fals
     return ids if chat_template else [with_bos(tok, x) for x in ids]
 
 
-def encode_prompt(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:
-    return encode_prompts(tokenizer, [prompt], chat_template)[0]
-
-
 def encode_responses(tokenizer, responses: Sequence[str]) -> list[list[int]]:
     """``encode(response) + [EOS]`` for each response."""
     tok = as_tokenizer(tokenizer)

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 import torch
 
 
-def cfg_get(cfg, key, default=None):
-    """``cfg[key]`` for dicts, DictConfigs and objects; ``default`` when absent (or ``cfg`` is None)."""
+def _field(cfg, key, default=None):
+    """``cfg[key]`` for dicts, DictConfigs and objects (a ModelSpec); ``default`` when absent (or ``cfg`` is None)."""
     if cfg is None:
         return default
     if isinstance(cfg, Mapping):
@@ -32,16 +32,18 @@ def cfg_get(cfg, key, default=None):
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, then pad (256), bos (257), eos (258), unk (259)."""
 
-    NUM_SPECIAL = 4
+    NUM_BYTES = 256
+    NUM_SPECIAL = 4  # pad, bos, eos, unk
+    MIN_VOCAB = NUM_BYTES + NUM_SPECIAL
 
-    def __init__(self, vocab_size: int = 260):
-        if vocab_size < 256 + self.NUM_SPECIAL:
+    def __init__(self, vocab_size: int = MIN_VOCAB):
+        if vocab_size < self.MIN_VOCAB:
             raise ValueError(
-                f"the built-in byte tokenizer needs vocab_size >= {256 + self.NUM_SPECIAL}, got {vocab_size}; "
+                f"the built-in byte tokenizer needs vocab_size >= {self.MIN_VOCAB}, got {vocab_size}; "
                 "raise model.hf_config.vocab_size or set model.hf_dir to a model with its own tokenizer"
             )
         self.vocab_size = vocab_size
-        self.pad_id, self.bos_id, self.eos_id, self.unk_id = 256, 257, 258, 259
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = range(self.NUM_BYTES, self.MIN_VOCAB)
         self.chat_template = None
 
     def encode(self, text: str) -> list[int]:
@@ -52,7 +54,7 @@ class ByteTokenizer:
 
     def decode(self, ids) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        return bytes(i for i in ids if 0 <= i < self.NUM_BYTES).decode("utf-8", errors="replace")
 
     def apply_chat_template(self, prompt: str) -> str:
         raise ValueError("the built-in byte tokenizer has no chat template; set data.chat_template=false")
@@ -123,11 +125,13 @@ def as_tokenizer(tok):
     return HFTokenizer(tok)
 
 
-def load_tokenizer(model_cfg):
-    """HF AutoTokenizer from ``model.hf_dir`` when set, else :class:`ByteTokenizer` sized to the model."""
-    hf_dir = cfg_get(model_cfg, "hf_dir")
-    hf_config = cfg_get(model_cfg, "hf_config") or {}
-    vocab = cfg_get(hf_config, "vocab_size")
+def load_tokenizer(model):
+    """HF AutoTokenizer from ``model.hf_dir`` when set, else :class:`ByteTokenizer` sized to the model.
+    ``model``: the run's :class:`~zeda_megatron.spec.ModelSpec` (or a mapping with ``hf_dir`` and
+    ``hf_config``, as generation hands an exported folder)."""
+    hf_dir = _field(model, "hf_dir")
+    hf_config = _field(model, "hf_config") or {}
+    vocab = _field(hf_config, "vocab_size")
     if hf_dir:
         from transformers import AutoTokenizer
 
@@ -148,4 +152,4 @@ def load_tokenizer(model_cfg):
                 f"vocab_size is {vocab}"
             )
         return tok
-    return ByteTokenizer(int(vocab) if vocab is not None else 260)
+    return ByteTokenizer(int(vocab) if vocab is not None else ByteTokenizer.MIN_VOCAB)

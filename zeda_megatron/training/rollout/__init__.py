@@ -1,11 +1,11 @@
 """Rollouts from the live training model under its training layout (TP, EP, PP, DP).
 
-    from zeda_megatron.training.rollout import sample, offloaded
+    from zeda_megatron.training.rollout import sample
 
-    with offloaded(ddp, optimizer):                       # optional: free grads + optimizer state
+    with engine.offloaded_for_sampling():                 # optional: free grads + optimizer state
         r = sample(student, prompt_batches, max_new_tokens=512, eos_id=tok.eos_id, pad_id=tok.pad_id,
                    temperature=1.0, seed=seed, slots=16)
-    train_step(engine, r.batches, replay=r.replay)        # contract batch dicts + router replay
+    train_step(engine, r.batches, replay=r.replay)        # the trainer's batch dicts + router replay
 
 How it runs (one concern per module):
 
@@ -21,7 +21,6 @@ How it runs (one concern per module):
 * :mod:`.assemble` - the trainer's micro-batches and the router-replay indices (the routing chosen
   while sampling, in the training forward's token order: no second forward, and numerical
   differences between cached decoding and a full forward can never flip a replayed choice).
-* :mod:`.offload` - grad buffers and optimizer state off the device while sampling.
 * :mod:`.model` - unwrapping, settings checks, decoding mode (eval, sequence parallelism off).
 
 Why not megatron-core's DynamicInferenceContext: see docs/rollouts.md.
@@ -32,12 +31,11 @@ from zeda_megatron.training.rollout.engine import Engine, EngineStats
 from zeda_megatron.training.rollout.model import (
     check_inference_settings, decoding_mode, moe_routers, routing_counters_kept, unwrap,
 )
-from zeda_megatron.training.rollout.offload import offload_training_state, offloaded, restore_training_state
 from zeda_megatron.training.rollout.sampler import sample
 from zeda_megatron.training.rollout.sampling import choose_tokens, stream_seed
 
 __all__ = [
     "Engine", "EngineStats", "Rollout", "check_inference_settings", "choose_tokens", "decoding_mode", "moe_routers",
-    "offload_training_state", "offloaded", "replay_fill", "restore_training_state", "routing_counters_kept",
+    "replay_fill", "routing_counters_kept",
     "sample", "stream_seed", "training_order", "unwrap",
 ]

@@ -13,6 +13,7 @@ import torch
 
 DS_TAG = "ds"  # DeepSpeed's checkpoint tag inside an iteration folder (iter_0000020/ds/)
 WEIGHTS = "student_ep{ep:03d}.pt"  # this expert-parallel rank's student weights (dense + its experts)
+DS_LAYOUT = "ds_layout.json"  # the expert-parallel size and ZeRO stage the folder was written at
 
 
 def is_deepspeed_checkpoint(path: str) -> bool:
@@ -40,7 +41,7 @@ def _local_experts(keys) -> int:
 
 def saved_ep(path: str) -> int:
     """The expert-parallel size a deepspeed iteration folder was written at."""
-    layout_file = os.path.join(path, "ds_layout.json")
+    layout_file = os.path.join(path, DS_LAYOUT)
     if not os.path.isfile(layout_file):
         return 1
     with open(layout_file) as f:

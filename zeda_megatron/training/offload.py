@@ -1,10 +1,13 @@
-"""Rollout memory: the grad buffers and the optimizer state leave the device while sampling.
+"""Training memory off the device while stage 2 samples: the DDP grad buffers and the optimizer state.
 
 :func:`offload_training_state` / :func:`restore_training_state` (or the :func:`offloaded` context)
 free the DDP grad buffers (megatron-core's ``offload_grad_buffers``) and the optimizer state
 (megatron-core's ``offload_to_cpu``/``restore_from_cpu`` on GPU for optimizers with their own fp32
-main params; a storage-level copy of the Adam state otherwise), so that the KV cache can use that
-memory.
+main params; a storage-level copy of the Adam state otherwise), so that sampling can use that memory.
+The megatron engine's ``offloaded_for_sampling`` runs it (:mod:`zeda_megatron.training.engine`).
+
+    with offloaded(ddp, optimizer):
+        rollout = sample(student, prompts, ...)
 """
 
 from __future__ import annotations
