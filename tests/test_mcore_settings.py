@@ -8,7 +8,6 @@ import os
 from unittest import mock
 
 import pytest
-import torch
 
 from zeda_megatron.bridge import hf_config as H
 

@@ -301,6 +301,7 @@ def test_iterator_data_parallel_splits_the_same_global_batch():
 def test_stages_give_the_dataset_batches_and_seed_sampling_per_step_and_rank():
     from types import SimpleNamespace
 
+    from zeda_megatron.plan.memory import decode_batch
     from zeda_megatron.training import stages as ST
 
     spec = spec_of("trainer.max_steps=4", "trainer.micro_batch_size=2", "trainer.global_batch_size=4")
@@ -329,7 +330,8 @@ def test_stages_give_the_dataset_batches_and_seed_sampling_per_step_and_rank():
 
     def fake_sample(model, prompts, **kw):
         assert model is Engine.student and entered == [opd.stage.offload_while_sampling]
-        assert kw["generator"].initial_seed() == ST.rollout_seed(opd.seed, 0, 1) and kw["record_routing"]
+        assert kw["seed"] == ST.rollout_seed(opd.seed, 0, 1) and kw["record_routing"]
+        assert kw["slots"] == decode_batch(opd)  # the stage's decode slots (continuous batching)
         assert (kw["eos_id"], kw["pad_id"], kw["max_new_tokens"]) == (9, 0, opd.stage.max_new_tokens)
         return SimpleNamespace(batches=[{"n": len(p)} for p in prompts], replay=[["r"]])
 

@@ -4,7 +4,6 @@ with null experts and matches transformers; TE grouped GEMM + fused permute equa
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
 
 from zeda_megatron.spec import RunSpec
 from zeda_megatron.training.batching import SEED_STRIDE, iterate_batches, prompts_of
