@@ -208,6 +208,9 @@ def run(cfg) -> dict:
 
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
+        from zeda_megatron.pipeline.state import record_run_end
+
+        record_run_end(run_dir, summary["steps_done"], int(cfg.trainer.max_steps), signals.stop_signal_name())
         print(f"[zeda] run folder: {run_dir}", flush=True)
     destroy_parallel()
     return last
@@ -227,7 +230,7 @@ def main() -> None:
         signals.install_signal_handlers()  # early: a pre-time-limit signal during model building is kept, not fatal
         signals.export_slurm_rank_env()  # a Slurm sweep point's tasks (conf/sweep/slurm.yaml) are its ranks
         run(cfg)
-        signals.requeue_if_stopped()  # a sweep point stopped by the pre-time-limit signal resumes after requeue
+        signals.requeue_if_stopped(cfg.cluster.get("max_requeues"))  # a sweep point stopped by the pre-time-limit signal resumes after requeue
 
     _main()
 
