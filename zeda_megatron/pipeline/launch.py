@@ -30,6 +30,11 @@ def first_node(nodelist: str) -> str | None:
     return hosts[0] if out.returncode == 0 and hosts else None
 
 
+def one_task_per_node(nodes: int) -> list[str]:
+    """srun's placement for one task per node (explicit: a step inherits the job's SLURM_NTASKS)."""
+    return ["--nodes", str(nodes), "--ntasks", str(nodes), "--ntasks-per-node", "1"]
+
+
 def torchrun(python: list[str], nnodes: int, nproc: int, grace_s: float) -> list[str]:
     return [*python, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc),
             "--signals-to-handle", TORCHRUN_SIGNALS, "--shutdown-timeout", str(shutdown_timeout(grace_s))]
@@ -57,10 +62,10 @@ def command(phase: Phase, *, python: str, host_python: str, port: int, grace_s: 
     if phase.launcher == "torchrun":
         rdzv = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{slurm['master_addr']}:{port}",
                 "--rdzv-id", f"{slurm['job_id']}-{phase.name}"]
-        return [*srun, "--kill-on-bad-exit=1", "--nodes", str(n), "--ntasks-per-node", "1",
-                *torchrun(py, n, phase.nproc, grace_s), *rdzv, *phase.cmd]
+        return [*srun, "--kill-on-bad-exit=1", *one_task_per_node(n), *torchrun(py, n, phase.nproc, grace_s), *rdzv,
+                *phase.cmd]
     if phase.launcher == "every-node":
-        return [*srun, "--nodes", str(n), "--ntasks-per-node", "1", *py, *phase.cmd]
+        return [*srun, *one_task_per_node(n), *py, *phase.cmd]
     return [*srun, "--nodes", "1", "--ntasks", "1", *py, *phase.cmd]
 
 

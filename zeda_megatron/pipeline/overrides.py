@@ -23,7 +23,7 @@ WORK_PHASES = ("convert", "generate", "prepare", "sft", "opd", "export", "evalua
 
 JOB_DEFAULTS = {
     "run_dir": None,            # default runs/zeda-<family>-<SLURM_JOB_ID> (stable across requeues)
-    "nodes": None,              # default SLURM_NNODES (1 outside Slurm)
+    "nodes": None,              # default: the allocation's (SLURM_JOB_NUM_NODES; 1 outside Slurm)
     "nproc_per_node": None,     # default: GPUs on the node (SLURM_GPUS_ON_NODE, else 8)
     "device": "cuda",           # cuda | cpu (cpu: no CUDA/TE check; tests and CPU-only trials)
     "phases": ",".join(WORK_PHASES),  # run these (in order); others are skipped
@@ -109,7 +109,9 @@ def settings(family: str, overrides: list[str], env: dict) -> dict:
     job_id = env.get("SLURM_JOB_ID")
     rdzv = job["rdzv_port"] or RDZV_PORT_BASE + (int(job_id) if job_id and job_id.isdigit() else os.getpid()) \
         % RDZV_PORT_SPAN * RDZV_PORTS_PER_JOB
-    return {**job, "run_dir": os.path.abspath(run_dir), "nodes": int(job["nodes"] or env.get("SLURM_NNODES") or 1),
+    # the allocation's node count: SLURM_JOB_NUM_NODES (an srun step's own SLURM_NNODES may be smaller)
+    nodes = job["nodes"] or env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1
+    return {**job, "run_dir": os.path.abspath(run_dir), "nodes": int(nodes),
             "nproc_per_node": int(job["nproc_per_node"] or env.get("SLURM_GPUS_ON_NODE") or 8),
             "rdzv_port": int(rdzv), "grace_s": float(job["grace_s"]), "max_requeues": int(job["max_requeues"]),
             "progress_every_s": int(float(job["progress_every_s"])), "ckpt_write_gbps": float(job["ckpt_write_gbps"])}
