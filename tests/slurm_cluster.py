@@ -25,6 +25,8 @@ import subprocess
 import tempfile
 import time
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLM = os.path.join(ROOT, "slurm", "adapt_glm.sh")
 QWEN = os.path.join(ROOT, "slurm", "adapt_qwen.sh")
@@ -275,6 +277,25 @@ def start_cluster(nodes: int = 1):
         shutil.rmtree(root, ignore_errors=True)
 
 
+# fixtures for the test modules (imported there by name)
+@pytest.fixture(scope="module")
+def slurm():
+    """A one-node Slurm for this machine."""
+    yield from start_cluster(nodes=1)
+
+
+@pytest.fixture(scope="module")
+def slurm2():
+    """A two-node Slurm: two network namespaces, zn1 and zn2."""
+    yield from start_cluster(nodes=2)
+
+
+@pytest.fixture(scope="session")
+def slurm_inputs(tmp_path_factory):
+    """The job's inputs (:func:`job_inputs`), one folder for the session."""
+    return job_inputs(str(tmp_path_factory.getbasetemp() / "slurm-inputs"))
+
+
 # ---- the job's inputs and its CPU-sized overrides -------------------------------------------------------------
 def job_inputs(folder: str) -> dict:
     """The small GLM-shaped teacher (HF folder with its tokenizer) and 48 prompts, built once per folder
@@ -293,12 +314,13 @@ def job_inputs(folder: str) -> dict:
     return {"teacher": teacher, "prompts": prompts}
 
 
-def cpu_overrides(inputs: dict, run_dir: str, sft_steps: int, nproc: int = 2) -> list[str]:
-    """CPU-sized: EP=2, tiny batches and lengths, a short evaluation."""
+def cpu_overrides(inputs: dict, run_dir: str, sft_steps: int, nproc: int = 2, opd_batch: int = 4) -> list[str]:
+    """CPU-sized: EP=2, tiny batches and lengths, a short evaluation (``opd_batch``: stage 2's global batch,
+    a multiple of micro batch 2 x the data-parallel size)."""
     return ["model=embedded_glm", f"model.hf_dir={inputs['teacher']}", f"data.prompts={inputs['prompts']}",
             "parallel=ep2", "trainer.seq_length=64", "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
             "trainer.recompute=false", "trainer.save_interval=0",
-            f"sft.trainer.max_steps={sft_steps}", "opd.trainer.max_steps=2", "opd.trainer.global_batch_size=4",
+            f"sft.trainer.max_steps={sft_steps}", "opd.trainer.max_steps=2", f"opd.trainer.global_batch_size={opd_batch}",
             "opd.stage.max_new_tokens=8", "generate.max_new_tokens=12", "generate.batch_size=16",
             "eval.arith_problems=16", "eval.dial=[]", "eval.heldout_chunks=4",
             "job.device=cpu", f"job.nproc_per_node={nproc}", "job.progress_every_s=5", f"job.run_dir={run_dir}"]

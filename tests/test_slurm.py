@@ -20,22 +20,12 @@ import subprocess
 
 import pytest
 
-from slurm_cluster import GLM, QWEN, cpu_overrides, job_inputs, job_log, signal_when, start_cluster, summary
+from slurm_cluster import GLM, QWEN, cpu_overrides, job_log, signal_when, slurm, summary  # noqa: F401 (fixture)
+from slurm_cluster import slurm_inputs as inputs  # noqa: F401 (fixture)
 from zeda_megatron.pipeline.state import read_json
 
 SFT_STEPS = 30  # enough that the signal (sent at step 2) lands mid stage 1 on a fast machine too
 PHASES = ("convert", "generate", "prepare", "sft", "opd", "export", "evaluate")
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    yield from start_cluster(nodes=1)
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """The small GLM-shaped teacher (HF folder with its tokenizer) and 48 prompts."""
-    return job_inputs(str(tmp_path_factory.getbasetemp() / "slurm-inputs"))
 
 
 @pytest.fixture(scope="module")
