@@ -114,6 +114,12 @@ def test_submitits_signal_requeues_a_sweep_point(monkeypatch):
     assert signals.requeue_signals() == ("SIGUSR1",)
 
 
+def test_a_job_array_task_is_requeued_alone():
+    env = {"SLURM_JOB_ID": "1", "SLURM_ARRAY_JOB_ID": "1", "SLURM_ARRAY_TASK_ID": "1"}
+    assert signals.slurm_job_id(env) == "1_1"   # "1" would requeue every task of the array
+    assert signals.slurm_job_id({"SLURM_JOB_ID": "7"}) == "7"
+
+
 def _verdict(run, after=None, rc=0, signal=None, **env):
     return slurm.next_phase(run, after, rc, signal, {"SLURM_JOB_ID": "7", **env})
 

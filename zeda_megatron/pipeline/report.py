@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import sys
 import time
@@ -15,7 +14,6 @@ from zeda_megatron.pipeline.launch import describe
 from zeda_megatron.pipeline.phases import Phase
 
 GRACE_MARGIN_S = 60.0    # process exit and the requeue call, after the step in flight and the save
-ITER_DIR = re.compile(r"^iter_(\d+)$")
 
 
 def say(msg: str, stream=None) -> None:

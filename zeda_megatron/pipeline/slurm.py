@@ -185,11 +185,11 @@ def ended(phase: Phase, phases: list[Phase], run_dir: str, job: dict, rc: int, s
                 say(f"phase 0 {CHECK}: done in {time.time() - checks.get('start', time.time()):.0f} s")
             if phase.name == "plan":
                 report.print_plan(state.read_json(plan_path(run_dir)), dry_run=False)
-            return None
-        append_log(phase.log, [*lines, f"==== {phase.name} done in {secs:.0f} s ({when}) ===="])
-        say(f"phase {phase.index} {phase.name}: done in {secs:.0f} s")
-        for line in [x for x in lines if x.startswith(("  did:", "  scores:", "  checkpoint"))][-3:]:
-            say(f"  {line.strip()}")
+        else:
+            append_log(phase.log, [*lines, f"==== {phase.name} done in {secs:.0f} s ({when}) ===="])
+            say(f"phase {phase.index} {phase.name}: done in {secs:.0f} s")
+            for line in [x for x in lines if x.startswith(("  did:", "  scores:", "  checkpoint"))][-3:]:
+                say(f"  {line.strip()}")
         if signal_name:   # the phase finished as the signal came: stop before the next one
             return stop_verdict(run_dir, job, signal_name, env, f"stopping after phase {phase.name} on {signal_name}")
         return None
@@ -278,7 +278,7 @@ def next_command(run_dir: str, after: str | None, rc: int, signal: str | None, e
 
 
 def requeue(run_dir: str, env: dict) -> int:
-    job_id = env.get("SLURM_JOB_ID")
+    job_id = signals.slurm_job_id(env)
     say(f"requeueing job {job_id} (restart {restarts(env) + 1}); it resumes in {run_dir}")
     if not signals.requeue_job(job_id):
         say(f"scontrol requeue failed: resubmit with job.run_dir={run_dir} to resume")

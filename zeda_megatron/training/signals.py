@@ -63,6 +63,15 @@ def requeue_decision(signal_name: str | None, restarts: int, limit: int) -> tupl
     return True, f"stopped on {signal_name} (the time limit is near): requeue (restart {restarts + 1})"
 
 
+def slurm_job_id(env=None) -> str | None:
+    """This job's id for scontrol: ``<array job>_<task>`` in a job array (sweep points are one array; the
+    array's own id would requeue every point), else SLURM_JOB_ID."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
 def requeue_job(job_id: str) -> bool:
     """``scontrol requeue <job_id>``; True if Slurm took it. Slurm answers with SIGTERM to every process
     of the job, this one included: it is ignored here (the caller's work is saved already)."""
@@ -173,7 +182,7 @@ def requeue_if_stopped(max_requeues: int | None = None) -> bool:
         return False
     if os.environ.get("SLURM_PROCID", "0") != "0" or not os.environ.get("SLURM_JOB_ID"):
         return False
-    job = os.environ["SLURM_JOB_ID"]
+    job = slurm_job_id()
     limit = DEFAULT_MAX_REQUEUES if max_requeues is None else int(max_requeues)
     requeue, why = requeue_decision(stop_signal_name(), int(os.environ.get("SLURM_RESTART_COUNT", "0")), limit)
     log.warning("Slurm job %s %s", job, why)
