@@ -42,7 +42,7 @@ def free_port() -> int:
 
 def ensure_installed(nodes: int = 1) -> None:
     """slurmctld, slurmd, the clients and munge (and iproute2 for several nodes), from Debian's archive."""
-    need = [*DAEMONS, "sbatch", "mungekey"] + (["ip", "unshare"] if nodes > 1 else [])
+    need = [*DAEMONS, "sbatch", "mungekey"] + (["ip", "unshare", "nsenter"] if nodes > 1 else [])
     if all(shutil.which(d) for d in need):
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}

@@ -230,7 +230,8 @@ def main() -> None:
         signals.install_signal_handlers()  # early: a pre-time-limit signal during model building is kept, not fatal
         signals.export_slurm_rank_env()  # a Slurm sweep point's tasks (conf/sweep/slurm.yaml) are its ranks
         run(cfg)
-        signals.requeue_if_stopped(cfg.cluster.get("max_requeues"))  # a sweep point stopped by the pre-time-limit signal resumes after requeue
+        # a sweep point stopped by the pre-time-limit signal resumes after a requeue
+        signals.requeue_if_stopped(cfg.cluster.get("max_requeues"))
 
     _main()
 
