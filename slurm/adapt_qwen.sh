@@ -1,6 +1,6 @@
 #!/bin/bash
 # ZEDA on Qwen3-30B-A3B (128 real + 64 null experts, 50% null target): the whole adaptation in one job, on one 8-GPU node
-# with the reference's hyper-parameters (docs/slurm.md, "The reference's hyper-parameters"):
+# with the reference's hyper-parameters (docs/method.md sections 4-5):
 #   sbatch slurm/adapt_qwen.sh model.hf_dir=/ckpt/Qwen3-30B-A3B data.prompts=/data/ZEDA-prompts-60k.jsonl
 # Phases: check -> convert -> generate -> prepare -> sft -> opd -> export -> evaluate (RUN/logs/N-phase.log each);
 # a requeued or resubmitted job (same job.run_dir) skips what is complete and resumes the rest.

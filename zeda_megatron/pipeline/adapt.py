@@ -1,5 +1,5 @@
 """The Slurm job's phases (slurm/adapt_{glm,qwen}.sh), from its Hydra overrides, with the reference's
-hyper-parameters (docs/slurm.md) as defaults for the released models on one 8-GPU node:
+hyper-parameters (docs/method.md sections 4-5) as defaults for the released models on one 8-GPU node:
 
     check -> convert (inject null experts) -> generate (stage-1 responses) -> prepare -> sft (stage 1)
     -> opd (stage 2, from stage 1) -> export (HF folder) -> evaluate
@@ -19,7 +19,7 @@ import time
 from zeda_megatron.pipeline import overrides as ov
 from zeda_megatron.pipeline.phases import REPO, Phase, assign_keys, export_phase, number, train_phase
 
-# The reference release, for the released models on one 8-GPU node.
+# The reference release (docs/method.md sections 4-5), for the released models on one 8-GPU node.
 REFERENCE = {
     "num_prompts": 60000,              # ZEDA-prompts-60k.jsonl (the count is read from data.prompts when given)
     "sft": {"epochs": 1, "global_batch_size": 128, "micro_batch_size": 1, "seq_length": 65536, "save_interval": 50},
@@ -33,21 +33,14 @@ GENERATE_KEYS = ("model", "parallel", "data", "logging", "cluster", "seed")
 CHECK_TITLE = "environment and inputs"
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base=None):
-        return hcompose("config", overrides=overrides)
-
-
 def memory_lines(cfg, world: int, on_cpu: bool) -> list[str]:
     """The planned memory per GPU (python -m zeda_megatron.plan's table), when it can be computed."""
     try:
         from zeda_megatron import plan as mplan
+        from zeda_megatron.spec import resolve
 
-        mp = mplan.memory_plan(cfg, world, on_gpu=not on_cpu)
-        table = mplan.format_table(mp, str(cfg.model.name)).splitlines()
+        spec = resolve(cfg, world, inputs=False, on_gpu=not on_cpu)
+        table = mplan.format_table(mplan.plan_with_fixes(spec), spec.model.name).splitlines()
     except Exception as e:  # noqa: BLE001 - the plan is information here; the trainer checks it for real
         return [f"planned memory: not computed ({type(e).__name__}: {str(e)[:200]})"]
     return ["planned memory (python -m zeda_megatron.plan):"] + ["  " + line for line in table if line.strip()]
@@ -64,9 +57,10 @@ def stage_overrides(common: list[str], stage: list[str], defaults: list[str], da
 def validate_stage(name: str, run_dir: str, overrides: list[str], world: int, later: list[str]):
     """The trainer's own config validation for the allocation; the checkpoint it starts from is written by
     an earlier phase and checked when that phase ran (``later``: what stands in for it now)."""
+    from zeda_megatron.spec.compose import compose
     from zeda_megatron.training.validate import validate_config
 
-    return validate_config(compose([f"run_dir={run_dir}", *overrides, *later]), world, check_data=(name == "opd"))
+    return validate_config(compose([*overrides, *later], run_dir), world, check_data=(name == "opd"))
 
 
 def build_plan(family: str, run_dir: str | None, overrides: list[str], dry_run: bool, env: dict) -> dict:
@@ -88,7 +82,9 @@ def build_plan(family: str, run_dir: str | None, overrides: list[str], dry_run: 
     errors, notes = [], []
 
     # the inputs
-    base = compose([f"run_dir={run_dir}", *common])
+    from zeda_megatron.spec.compose import compose
+
+    base = compose(common, run_dir)
     from omegaconf import OmegaConf
 
     hf_dir = None if "hf_dir" not in base.model or OmegaConf.is_missing(base.model, "hf_dir") else base.model.hf_dir
@@ -132,7 +128,7 @@ def build_plan(family: str, run_dir: str | None, overrides: list[str], dry_run: 
 
     cfgs, plans = {}, {}
     for name, ovs in (("sft", sft_cfg_ov), ("opd", opd_cfg_ov)):
-        cfgs[name] = compose([f"run_dir={d(name)}", *ovs])
+        cfgs[name] = compose(ovs, d(name))
         if errors or dry_run:
             continue
         from zeda_megatron.training.validate import ConfigError
@@ -187,8 +183,8 @@ def build_plan(family: str, run_dir: str | None, overrides: list[str], dry_run: 
         c = cfgs[name]
         t, o = c.trainer, c.optim
         p = plans.get(name)
-        lay_s = (f"TP{p.tp} PP{p.pp} EP{p.ep} ETP{p.etp} DP{p.dp}, {p.num_microbatches} micro-batches/step"
-                 if p else f"TP{c.parallel.tp} PP{c.parallel.pp} EP{c.parallel.ep}")
+        lay_s = (f"TP{p.layout.tp} PP{p.layout.pp} EP{p.layout.ep} ETP{p.layout.etp} DP{p.layout.dp}, "
+                 f"{p.trainer.num_microbatches} micro-batches/step" if p else f"TP{c.parallel.tp} PP{c.parallel.pp} EP{c.parallel.ep}")
         spp = int(c.stage.samples_per_prompt)
         intro = [f"stage {n} ({name}): {t.max_steps} steps, global batch {t.global_batch_size}"
                  + (f" ({int(t.global_batch_size) // spp} prompts x {spp} samples)" if name == "opd" else "")
