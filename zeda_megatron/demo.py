@@ -14,18 +14,17 @@
    (zeda_megatron/baselines.py; a no-teacher null-expert model is trained for it): a report (Markdown +
    PNGs), summary.json and baselines.json in runs/demo/report/.
 
-Every step reuses what a previous run left (a finished stage is skipped, an interrupted one resumes),
-so re-running is fast; deleting .cache/ rebuilds the teacher.
+The steps are phases of zeda_megatron/pipeline (declared below, run by its local runner; the Slurm job
+runs its own phases the same way): a complete phase is reused (its fingerprint, its outputs, and for a
+training stage the status its trainer wrote), an interrupted stage resumes, so re-running is fast;
+deleting .cache/ rebuilds the teacher (bit for bit: what follows it is reused).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,60 +60,6 @@ def say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _done(path: str, key: str) -> bool:
-    try:
-        with open(path) as f:
-            return json.load(f).get("key") == key
-    except (OSError, ValueError):
-        return False
-
-
-def _mark(path: str, key: str, **info) -> None:
-    with open(path, "w") as f:
-        json.dump({"key": key, **info}, f, indent=1)
-
-
-def _stage_finished(run_dir: str, steps: int) -> bool:
-    try:
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            return json.load(f)["steps_done"] >= steps
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-def _train(args, stage: str, run_dir: str, overrides: list[str], tries: int = 3) -> None:
-    for attempt in range(tries):  # a free port can be taken by another process before torchrun binds it
-        proc = _train_once(args, stage, run_dir, overrides)
-        if proc.returncode == 0 or "EADDRINUSE" not in proc.stdout or attempt == tries - 1:
-            break
-        say(f"    port taken (EADDRINUSE), retrying {stage}")
-    if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.splitlines()[-40:])
-        raise SystemExit(f"[demo] {stage} failed (full log: {os.path.join(run_dir, 'job.log')}):\n{tail}")
-
-
-def _train_once(args, stage: str, run_dir: str, overrides: list[str]):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-           "--master_port", str(_free_port()), "-m", "zeda_megatron.train"] if args.nproc > 1 else \
-          [sys.executable, "-m", "zeda_megatron.train"]
-    cmd += [f"stage={stage}", f"hydra.run.dir={run_dir}", *overrides, *args.extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": os.environ.get(
-        "PYTHONWARNINGS", "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning")}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = os.path.join(run_dir, "job.log")
-    os.makedirs(run_dir, exist_ok=True)
-    with open(log, "w") as f:
-        f.write(proc.stdout)
-    for line in proc.stdout.splitlines():  # the trainer's per-step progress lines
-        if line.startswith("step ") or line.startswith("[zeda]"):
-            print(f"  {line}", flush=True)
-    return proc
-
-
 def _stage1_data(args, path: str, teacher_dir: str, ddir: str) -> None:
     from zeda_megatron.embedded import corpus
 
@@ -135,121 +80,37 @@ def _stage1_data(args, path: str, teacher_dir: str, ddir: str) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def _export(ckpt: str, hf_dir: str) -> None:
-    proc = subprocess.run([sys.executable, "tools/export_hf.py", "--checkpoint", ckpt, "--out", hf_dir],
-                          cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"[demo] export of {ckpt} failed:\n{proc.stderr[-3000:]}")
+def _build_teacher(args, tdir: str, ctx: dict) -> str:
+    from zeda_megatron.embedded import teacher
 
-
-def _free_port() -> int:
-    from zeda_megatron.distributed import free_port
-
-    return free_port()
-
-
-def run(args) -> dict:
-    from zeda_megatron import baselines, evaluate
-    from zeda_megatron.embedded import corpus, report, teacher
-
-    t_start = time.time()
-    out = os.path.abspath(os.path.join(ROOT, args.out))
-    cache = os.path.abspath(os.path.join(ROOT, args.cache))
-    os.makedirs(out, exist_ok=True)
-    family = "glm4_moe_lite" if args.family == "glm" else "qwen3_moe"
-
-    # 1. the teacher (cached)
-    tdir = os.path.join(cache, f"teacher_{args.family}_{args.preset}_s{args.seed}")
-    say(f"1/6 teacher: {tdir}")
     # The teacher is built single-threaded unless OMP_NUM_THREADS says otherwise: its weights differ bitwise
     # between thread counts, and the README's figures are those of the single-threaded build.
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or 1
     info = teacher.build_teacher(tdir, family=args.family, preset=args.preset, seed=args.seed, threads=threads)
     say(f"    {'reused (cached)' if info.get('cached') else 'trained'}: held-out NLL {info.get('heldout_nll', float('nan')):.3f} "
         f"(random model {info.get('random_nll', float('nan')):.3f}, unigram {info.get('unigram_nll', float('nan')):.3f})")
+    ctx["teacher"] = info
+    return info.get("hash")
 
-    # 2. distillation data from the teacher
-    ddir = os.path.join(out, "data")
+
+def _write_data(args, tdir: str, ddir: str, prompts: str, sft: str) -> None:
+    from zeda_megatron.embedded import corpus
+
     os.makedirs(ddir, exist_ok=True)
-    data_key = _fingerprint([info.get("hash"), args.prompts, args.seed, args.stage1_data, "v2"])
-    prompts, sft = os.path.join(ddir, "prompts.jsonl"), os.path.join(ddir, "sft.jsonl")
-    say("2/6 data: teacher-generated responses for stage 1, prompts for stage 2")
-    if not _done(os.path.join(ddir, "done.json"), data_key):
-        corpus.write_prompts(prompts, n=args.prompts, seed=args.seed + 1)
-        _stage1_data(args, sft, tdir, ddir)
-        _mark(os.path.join(ddir, "done.json"), data_key)
-    else:
-        say("    reused")
+    corpus.write_prompts(prompts, n=args.prompts, seed=args.seed + 1)
+    _stage1_data(args, sft, tdir, ddir)
 
-    # w = 2.5 (target wZ/(E+wZ) = 56% with Z = E/2): stage 2 gives back a few points of the stage-1 share,
-    # so the run ends above 50% (w = 2, the reference's, ended at 44%); --extra model.null_experts.weight=...
-    common = [f"model=embedded_{args.family}", f"model.hf_dir={tdir}", "trainer.verify_teacher=true",
-              "model.null_experts.weight=2.5",
-              f"seed={1234 + args.seed}", "trainer.seq_length=128", "trainer.micro_batch_size=4"]
-    # Stage 1 distils with the exact full-vocabulary forward KL to the co-located teacher (no NLL on
-    # its greedy responses, which drifts the student away from the teacher's distribution).
-    sft_args = ["stage.kl_weight=1.0", "stage.nll_weight=0.0", "optim.lr=3e-4", "trainer.global_batch_size=16"]
-    opd_args = ["optim.lr=1e-4", "trainer.global_batch_size=8", "stage.max_new_tokens=32"]
-    if args.nproc > 1:
-        common.append(f"parallel.ep={args.nproc}")
-    # 3. stage 1 and 4. stage 2
-    sft_dir, opd_dir = os.path.join(out, "sft"), os.path.join(out, "opd")
-    for n, (stage, run_dir, steps, extra) in enumerate((
-        ("sft", sft_dir, args.sft_steps, [f"data.path={sft}", *sft_args]),
-        ("opd", opd_dir, args.opd_steps, [f"data.path={prompts}", f"model.init_checkpoint={sft_dir}/checkpoints", *opd_args]),
-    ), start=3):
-        say(f"{n}/6 stage {n - 2} ({stage}), {steps} steps, {args.nproc} processes, EP={args.nproc}: {run_dir}")
-        if _stage_finished(run_dir, steps):
-            say("    reused (finished)")
-            continue
-        _train(args, stage, run_dir, common + extra + [f"trainer.max_steps={steps}"])
 
-    # the no-teacher baseline: null experts trained with plain NLL + the group loss on training text
-    nt_dir = os.path.join(out, "baseline_no_teacher")
-    if args.baselines == "on":
-        nt_steps = args.no_teacher_steps or args.sft_steps
-        text = os.path.join(ddir, "text.jsonl")
-        if not os.path.isfile(text):
-            corpus.write_stage1_data(text, n=max(args.prompts, 256), seed=args.seed, mode="text")
-        say(f"   baseline: null experts trained without a teacher (plain NLL), {nt_steps} steps: {nt_dir}")
-        if not _stage_finished(nt_dir, nt_steps):
-            _train(args, "sft", nt_dir, common + [f"data.path={text}", "stage.kl_weight=0.0", "stage.nll_weight=1.0",
-                                                  "optim.lr=3e-4", "trainer.global_batch_size=16",
-                                                  f"trainer.max_steps={nt_steps}"])
-        else:
-            say("    reused (finished)")
+def _write_text(args, text: str) -> None:
+    from zeda_megatron.embedded import corpus
 
-    # 5. export
-    hf_dir = os.path.join(out, "hf")
-    say(f"5/6 export: {hf_dir}")
-    ckpt_marker = os.path.join(opd_dir, "checkpoints", "latest")
-    export_key = _fingerprint([open(ckpt_marker).read() if os.path.isfile(ckpt_marker) else None, opd_dir])
-    if not _done(os.path.join(hf_dir, "export.json"), export_key):
-        _export(os.path.join(opd_dir, "checkpoints"), hf_dir)
-        _mark(os.path.join(hf_dir, "export.json"), export_key)
-    else:
-        say("    reused")
-    trained = {}
-    if args.baselines == "on":  # stage 1 alone and the no-teacher model, for the baseline table
-        for name, run_dir in (("ZEDA stage 1 only", sft_dir), ("null experts, no teacher (NLL)", nt_dir)):
-            d = os.path.join(out, "hf_" + os.path.basename(run_dir))
-            marker = os.path.join(run_dir, "checkpoints", "latest")
-            key = _fingerprint([open(marker).read() if os.path.isfile(marker) else None, run_dir])
-            if not _done(os.path.join(d, "export.json"), key):
-                _export(os.path.join(run_dir, "checkpoints"), d)
-                _mark(os.path.join(d, "export.json"), key)
-            trained[name] = d
+    corpus.write_stage1_data(text, n=max(args.prompts, 256), seed=args.seed, mode="text")
 
-    # 6. evaluation and report
-    rdir = os.path.join(out, "report")
-    say(f"6/6 evaluation and report: {rdir}")
-    eval_key = _fingerprint([export_key, args.seed, args.eval_chunks, args.arith_problems, args.dial, sorted(trained),
-                             args.baselines, "v2"])
-    if _done(os.path.join(rdir, "done.json"), eval_key):
-        with open(os.path.join(rdir, "summary.json")) as f:
-            summary = json.load(f)
-        say(f"    reused. Report: {os.path.join(rdir, 'report.md')}")
-        return summary
+
+def _evaluate(args, ctx: dict, tdir: str, hf_dir: str, trained: dict, rdir: str) -> None:
+    """Teacher vs adapted model and the baselines at matched expert FLOPs: rdir/summary.json (+ baselines.json)."""
+    from zeda_megatron import baselines, evaluate
+
     os.makedirs(rdir, exist_ok=True)
     t_model, t_tok = evaluate.load(tdir)
     data = evaluate.eval_data(t_tok, args.seed, args.eval_chunks, n_arith=args.arith_problems)
@@ -258,7 +119,7 @@ def run(args) -> dict:
     summary = evaluate.evaluate_model(student, (t_model, t_tok), dial=args.dial, data=data, ref=ref,
                                       log=lambda m: say("    " + m))
     summary["teacher_dir"], summary["student_dir"] = tdir, hf_dir
-    if args.baselines == "on":
+    if trained:
         say("    baselines at matched expert FLOPs")
         rows = baselines.baseline_table(tdir, student, trained=trained, data=data, ref=ref,
                                         teacher_model=(t_model, t_tok), work_dir=rdir, log=lambda m: say("    " + m))
@@ -266,25 +127,124 @@ def run(args) -> dict:
         summary["zeda_ahead_of_training_free"] = baselines.zeda_ahead(rows)
         with open(os.path.join(rdir, "baselines.json"), "w") as f:
             json.dump(rows, f, indent=1)
+    info = ctx.get("teacher", {})
     summary["teacher"] = {k: info.get(k) for k in ("heldout_nll", "random_nll", "unigram_nll", "train_seconds")}
-    for stage, run_dir in (("sft", sft_dir), ("opd", opd_dir)):
-        with open(os.path.join(run_dir, "summary.json")) as f:
+    for stage in ("sft", "opd"):
+        with open(os.path.join(ctx["stages"][stage], "summary.json")) as f:
             summary.setdefault("teacher_unchanged", {})[stage] = json.load(f).get("teacher_unchanged")
-    summary["wall_seconds"] = time.time() - t_start
+    summary["wall_seconds"] = time.time() - ctx["t_start"]
     with open(os.path.join(rdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    md = report.write_report(summary, {"stage 1 (sft)": os.path.join(sft_dir, "metrics.jsonl"),
-                                       "stage 2 (opd)": os.path.join(opd_dir, "metrics.jsonl")}, rdir)
+
+
+def _report(ctx: dict, rdir: str) -> None:
+    """report.md with its plots, from rdir/summary.json and the stages' metrics."""
+    from zeda_megatron import evaluate
+    from zeda_megatron.embedded import report
+
+    with open(os.path.join(rdir, "summary.json")) as f:
+        summary = json.load(f)
+    md = report.write_report(summary, {"stage 1 (sft)": os.path.join(ctx["stages"]["sft"], "metrics.jsonl"),
+                                       "stage 2 (opd)": os.path.join(ctx["stages"]["opd"], "metrics.jsonl")}, rdir)
     png = evaluate.plot_quality_vs_flops(summary, os.path.join(rdir, "quality_vs_flops.png"))
     with open(md, "a") as f:
         f.write("\n" + evaluate.report_sections(summary, png))
+
+
+def phases(args, out: str, cache: str, ctx: dict) -> list:
+    """The demo's phases, in order."""
+    from functools import partial
+
+    from zeda_megatron.pipeline.phases import Phase, export_phase, train_phase
+
+    tdir = os.path.join(cache, f"teacher_{args.family}_{args.preset}_s{args.seed}")
+    ddir = os.path.join(out, "data")
+    prompts, sft = os.path.join(ddir, "prompts.jsonl"), os.path.join(ddir, "sft.jsonl")
+    sft_dir, opd_dir, nt_dir = os.path.join(out, "sft"), os.path.join(out, "opd"), os.path.join(out, "baseline_no_teacher")
+    hf_dir, rdir = os.path.join(out, "hf"), os.path.join(out, "report")
+    ctx["stages"] = {"sft": sft_dir, "opd": opd_dir}
+    # w = 2.5 (target wZ/(E+wZ) = 56% with Z = E/2): stage 2 gives back a few points of the stage-1 share,
+    # so the run ends above 50% (w = 2, the reference's, ended at 44%); --extra model.null_experts.weight=...
+    common = [f"model=embedded_{args.family}", f"model.hf_dir={tdir}", "trainer.verify_teacher=true",
+              "model.null_experts.weight=2.5",
+              f"seed={1234 + args.seed}", "trainer.seq_length=128", "trainer.micro_batch_size=4"]
+    if args.nproc > 1:
+        common.append(f"parallel.ep={args.nproc}")
+    # Stage 1 distils with the exact full-vocabulary forward KL to the co-located teacher (no NLL on
+    # its greedy responses, which drifts the student away from the teacher's distribution).
+    sft_args = ["stage.kl_weight=1.0", "stage.nll_weight=0.0", "optim.lr=3e-4", "trainer.global_batch_size=16"]
+    opd_args = ["optim.lr=1e-4", "trainer.global_batch_size=8", "stage.max_new_tokens=32"]
+    launcher = "torchrun" if args.nproc > 1 else "single"
+    layout = f"{args.nproc} processes, EP={args.nproc}"
+
+    def stage(name, title, run_dir, steps, overrides, inputs):
+        return train_phase(name, title, run_dir, [f"stage={'opd' if name == 'opd' else 'sft'}", *common, *overrides,
+                                                  f"trainer.max_steps={steps}", *args.extra],
+                           steps, inputs=inputs, nproc=args.nproc, launcher=launcher)
+
+    out_phases = [
+        Phase("teacher", f"1/6 teacher: {tdir}", launcher="call", call=partial(_build_teacher, args, tdir, ctx),
+              outputs=[tdir], identity=[args.family, args.preset, args.seed], always=True),
+        Phase("data", "2/6 data: teacher-generated responses for stage 1, prompts for stage 2", launcher="call",
+              call=partial(_write_data, args, tdir, ddir, prompts, sft), inputs=[tdir], outputs=[prompts, sft],
+              identity=[args.prompts, args.seed, args.stage1_data]),
+        stage("sft", f"3/6 stage 1 (sft), {args.sft_steps} steps, {layout}: {sft_dir}", sft_dir, args.sft_steps,
+              [f"data.path={sft}", *sft_args], [sft]),
+        stage("opd", f"4/6 stage 2 (opd), {args.opd_steps} steps, {layout}: {opd_dir}", opd_dir, args.opd_steps,
+              [f"data.path={prompts}", f"model.init_checkpoint={sft_dir}/checkpoints", *opd_args], [prompts, sft_dir]),
+    ]
+    trained = {}
+    if args.baselines == "on":
+        # the no-teacher baseline: null experts trained with plain NLL + the group loss on training text
+        text = os.path.join(ddir, "text.jsonl")
+        nt_steps = args.no_teacher_steps or args.sft_steps
+        out_phases += [
+            Phase("baseline_data", "   baseline data: held-in training text", launcher="call",
+                  call=partial(_write_text, args, text), outputs=[text], identity=[max(args.prompts, 256), args.seed]),
+            stage("baseline", f"   baseline: null experts trained without a teacher (plain NLL), {nt_steps} steps: {nt_dir}",
+                  nt_dir, nt_steps, [f"data.path={text}", "stage.kl_weight=0.0", "stage.nll_weight=1.0", "optim.lr=3e-4",
+                                     "trainer.global_batch_size=16"], [text]),
+        ]
+    out_phases.append(export_phase("export", f"5/6 export: {hf_dir}", os.path.join(opd_dir, "checkpoints"), hf_dir,
+                                   inputs=[opd_dir]))
+    if args.baselines == "on":   # stage 1 alone and the no-teacher model, for the baseline table
+        for name, run_dir in (("ZEDA stage 1 only", sft_dir), ("null experts, no teacher (NLL)", nt_dir)):
+            d = os.path.join(out, "hf_" + os.path.basename(run_dir))
+            out_phases.append(export_phase(f"export_{os.path.basename(run_dir)}", f"   export: {d}",
+                                           os.path.join(run_dir, "checkpoints"), d, inputs=[run_dir]))
+            trained[name] = d
+    summary = os.path.join(rdir, "summary.json")
+    out_phases += [
+        Phase("evaluate", f"6/6 evaluation: {rdir}", launcher="call",
+              call=partial(_evaluate, args, ctx, tdir, hf_dir, trained, rdir), inputs=[tdir, hf_dir, *trained.values()],
+              outputs=[summary], identity=[args.seed, args.eval_chunks, args.arith_problems, args.dial, sorted(trained),
+                                           args.baselines]),
+        Phase("report", f"   report: {os.path.join(rdir, 'report.md')}", launcher="call", call=partial(_report, ctx, rdir),
+              inputs=[summary], outputs=[os.path.join(rdir, "report.md")]),
+    ]
+    return out_phases
+
+
+def run(args) -> dict:
+    from zeda_megatron.pipeline.local import run_phases
+
+    out = os.path.abspath(os.path.join(ROOT, args.out))
+    cache = os.path.abspath(os.path.join(ROOT, args.cache))
+    os.makedirs(out, exist_ok=True)
+    ctx = {"t_start": time.time()}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": os.environ.get(
+        "PYTHONWARNINGS", "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning")}
+    run_phases(phases(args, out, cache, ctx), out, env=env, say=say)
+    rdir = os.path.join(out, "report")
+    with open(os.path.join(rdir, "summary.json")) as f:
+        summary = json.load(f)
     say(f"expert FLOPs removed: {summary['expert_flops_removed']:.1%} of routed expert slots "
         f"({summary['expert_flops_removed_incl_shared']:.1%} counting the shared expert)")
     say(f"held-out NLL: teacher {summary['teacher_nll']:.3f}, adapted {summary['student_nll']:.3f} "
         f"({summary['student_nll'] / summary['teacher_nll'] - 1:+.1%}); arithmetic exact match: teacher "
         f"{summary['teacher_arith_acc']:.1%}, adapted {summary['student_arith_acc']:.1%}")
-    _mark(os.path.join(rdir, "done.json"), eval_key)
-    say(f"done in {summary['wall_seconds'] / 60:.1f} min. Report: {md} (summary.json beside it)")
+    say(f"done in {(time.time() - ctx['t_start']) / 60:.1f} min. Report: {os.path.join(rdir, 'report.md')} "
+        "(summary.json beside it)")
     return summary
 
 

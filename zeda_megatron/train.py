@@ -33,6 +33,7 @@ def run(cfg) -> dict:
     from omegaconf import OmegaConf
 
     from zeda_megatron.distributed import destroy_parallel, init_parallel
+    from zeda_megatron.pipeline.state import record_run_end
     from zeda_megatron.training import checkpoint, signals
     from zeda_megatron.training.data import build_dataset, load_tokenizer
     from zeda_megatron.training.engine import build_engine
@@ -87,6 +88,8 @@ def run(cfg) -> dict:
     if rank0:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
+        # how the run ended (completed / stopped on which signal), for the phase pipeline's verdict
+        record_run_end(run_dir, summary["steps_done"], tr.max_steps, signals.stop_signal_name())
         print(f"[zeda] run folder: {run_dir}", flush=True)
     destroy_parallel()
     return last
@@ -147,7 +150,8 @@ def main() -> None:
         signals.install_signal_handlers()  # early: a pre-time-limit signal during model building is kept, not fatal
         signals.export_slurm_rank_env()  # a Slurm sweep point's tasks (conf/sweep/slurm.yaml) are its ranks
         run(cfg)
-        signals.requeue_if_stopped()  # a sweep point stopped by the pre-time-limit signal resumes after requeue
+        # a sweep point stopped by the pre-time-limit signal resumes after a requeue
+        signals.requeue_if_stopped(cfg.cluster.get("max_requeues"))
 
     _main()
 
