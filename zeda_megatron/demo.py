@@ -9,9 +9,9 @@
 3. stage 1 (off-policy) and 4. stage 2 (on-policy), each `torchrun --nproc_per_node 2` with expert
    parallelism 2: the null experts are injected at import (Z = E/2, group loss target 50%);
 5. export to a Hugging Face directory (PlusPlus architecture, trust_remote_code);
-6. evaluation of teacher vs adapted model (zeda_megatron/evaluate.py: null share, expert FLOPs, NLL, KL,
+6. evaluation of teacher vs adapted model (zeda_megatron/eval: null share, expert FLOPs, NLL, KL,
    arithmetic on 500 held-out problems, the compute-dial sweep) and the baselines at matched expert FLOPs
-   (zeda_megatron/baselines.py; a no-teacher null-expert model is trained for it): a report (Markdown +
+   (zeda_megatron/eval/baselines.py; a no-teacher null-expert model is trained for it): a report (Markdown +
    PNGs), summary.json and baselines.json in runs/demo/report/.
 
 Every step reuses what a previous run left (a finished stage is skipped, an interrupted one resumes),
@@ -136,10 +136,9 @@ def _stage1_data(args, path: str, teacher_dir: str, ddir: str) -> None:
 
 
 def _export(ckpt: str, hf_dir: str) -> None:
-    proc = subprocess.run([sys.executable, "tools/export_hf.py", "--checkpoint", ckpt, "--out", hf_dir],
-                          cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"[demo] export of {ckpt} failed:\n{proc.stderr[-3000:]}")
+    from zeda_megatron.eval.models import export_checkpoint
+
+    export_checkpoint(ckpt, hf_dir, dtype=None)
 
 
 def _free_port() -> int:
@@ -149,8 +148,10 @@ def _free_port() -> int:
 
 
 def run(args) -> dict:
-    from zeda_megatron import baselines, evaluate
-    from zeda_megatron.embedded import corpus, report, teacher
+    from zeda_megatron.embedded import corpus, teacher
+    from zeda_megatron.eval import baselines, report, scoring
+    from zeda_megatron.eval.data import eval_data
+    from zeda_megatron.eval.models import load
 
     t_start = time.time()
     out = os.path.abspath(os.path.join(ROOT, args.out))
@@ -251,11 +252,11 @@ def run(args) -> dict:
         say(f"    reused. Report: {os.path.join(rdir, 'report.md')}")
         return summary
     os.makedirs(rdir, exist_ok=True)
-    t_model, t_tok = evaluate.load(tdir)
-    data = evaluate.eval_data(t_tok, args.seed, args.eval_chunks, n_arith=args.arith_problems)
-    ref = evaluate.teacher_reference(t_model, t_tok, data)
-    student = evaluate.load(hf_dir)
-    summary = evaluate.evaluate_model(student, (t_model, t_tok), dial=args.dial, data=data, ref=ref,
+    t_model, t_tok = load(tdir)
+    data = eval_data(t_tok, args.seed, args.eval_chunks, n_arith=args.arith_problems)
+    ref = scoring.teacher_reference(t_model, t_tok, data)
+    student = load(hf_dir)
+    summary = scoring.evaluate_model(student, (t_model, t_tok), dial=args.dial, data=data, ref=ref,
                                       log=lambda m: say("    " + m))
     summary["teacher_dir"], summary["student_dir"] = tdir, hf_dir
     if args.baselines == "on":
@@ -275,9 +276,9 @@ def run(args) -> dict:
         json.dump(summary, f, indent=1)
     md = report.write_report(summary, {"stage 1 (sft)": os.path.join(sft_dir, "metrics.jsonl"),
                                        "stage 2 (opd)": os.path.join(opd_dir, "metrics.jsonl")}, rdir)
-    png = evaluate.plot_quality_vs_flops(summary, os.path.join(rdir, "quality_vs_flops.png"))
+    png = report.plot_quality_vs_flops(summary, os.path.join(rdir, "quality_vs_flops.png"))
     with open(md, "a") as f:
-        f.write("\n" + evaluate.report_sections(summary, png))
+        f.write("\n" + report.report_sections(summary, png))
     say(f"expert FLOPs removed: {summary['expert_flops_removed']:.1%} of routed expert slots "
         f"({summary['expert_flops_removed_incl_shared']:.1%} counting the shared expert)")
     say(f"held-out NLL: teacher {summary['teacher_nll']:.3f}, adapted {summary['student_nll']:.3f} "

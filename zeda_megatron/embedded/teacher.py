@@ -215,7 +215,7 @@ def build_teacher(out_dir: str, family: str = "glm", preset: str = "demo", seed:
         model.save_pretrained(out_dir, safe_serialization=True)
         tok.save_pretrained(out_dir)
         # quick quality numbers (held-out code NLL vs a random model and a unigram model)
-        from .evaluate import heldout_nll, unigram_nll
+        from zeda_megatron.eval.scoring import heldout_nll, unigram_nll
 
         texts = corpus.heldout_code(seed, n_chunks=16 if preset == "test" else 48)
         nll = heldout_nll(model, tok, texts, max_len=p["seq_len"] * 2)
