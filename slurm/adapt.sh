@@ -167,7 +167,7 @@ say "job ${SLURM_JOB_ID:-(no Slurm)} restart ${SLURM_RESTART_COUNT:-0} on ${SLUR
 } >>"$CHECK_LOG"
 if ! command -v "${PYTHON%% *}" >/dev/null 2>&1; then
   say "phase 'check' failed: python '$PYTHON' not found. Build the environment on a login node (bash scripts/setup.sh)"
-  say "or set PYTHON= to the interpreter of your container; see README, section 'Slurm'"; exit 2
+  say "or set PYTHON= to the interpreter of your container; see docs/slurm.md"; exit 2
 fi
 # the inputs first (seconds): a missing model.hf_dir or data.prompts ends the job before anything starts
 if ! "${JOB[@]}" plan --family "$FAMILY" --run-dir "$RUN" --inputs-only -- "$@" >>"$CHECK_LOG" 2>"$RUN/job/plan.err"; then

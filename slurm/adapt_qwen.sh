@@ -1,6 +1,6 @@
 #!/bin/bash
 # ZEDA on Qwen3-30B-A3B (128 real + 64 null experts, 50% null target): the whole adaptation in one job, on one 8-GPU node
-# with the reference's hyper-parameters (zeda_method.md sections 4-5):
+# with the reference's hyper-parameters (docs/method.md sections 4-5):
 #   sbatch slurm/adapt_qwen.sh model.hf_dir=/ckpt/Qwen3-30B-A3B data.prompts=/data/ZEDA-prompts-60k.jsonl
 # Phases: check -> convert -> generate -> prepare -> sft -> opd -> export -> evaluate (RUN/logs/N-phase.log each);
 # a requeued or resubmitted job (same job.run_dir) skips what is complete and resumes the rest.
@@ -10,7 +10,7 @@
 # More nodes: sbatch --nodes=2 slurm/adapt_qwen.sh ... (srun + torchrun rendezvous from Slurm's environment).
 # Environment: PYTHON (default .venv/bin/python of this repository), SRUN_ARGS (e.g. --container-image=...).
 # The signal lead time (B:USR1@N) must cover the longest step plus a checkpoint save; job.grace_s=N must
-# match it (the job prints what it measured after each stage; README 'Slurm' has the figures).
+# match it (the job prints what it measured after each stage; docs/slurm.md has the figures).
 #SBATCH --job-name=zeda-qwen3-30b-a3b
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

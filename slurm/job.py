@@ -10,7 +10,7 @@
     python slurm/job.py grace RUN PHASE                     # grace period check after a training phase
 
 ``plan`` turns the job's Hydra overrides into one command per phase, with the reference's hyper-parameters
-(docs: zeda_method.md sections 4-5) as defaults, checks the inputs and both stages' configs, and writes
+(docs/method.md sections 4-5) as defaults, checks the inputs and both stages' configs, and writes
 RUN/job/plan.json and RUN/job/phases.sh (bash arrays). Overrides are routed by prefix:
 
     model.* / parallel=... / seed=... / logging.* / optim.* / trainer.* / stage.* / data.*   both stages
@@ -41,7 +41,7 @@ PHASE_PREFIXES = {"sft": "sft", "stage1": "sft", "opd": "opd", "stage2": "opd", 
                   "prepare": "prepare", "eval": "evaluate", "evaluate": "evaluate", "convert": "convert",
                   "export": "export", "job": "job"}
 
-# The reference release (zeda_method.md sections 4-5), for the released models on one 8-GPU node.
+# The reference release (docs/method.md sections 4-5), for the released models on one 8-GPU node.
 REFERENCE = {
     "num_prompts": 60000,              # ZEDA-prompts-60k.jsonl (the count is read from data.prompts when given)
     "sft": {"epochs": 1, "global_batch_size": 128, "micro_batch_size": 1, "seq_length": 65536,
@@ -322,7 +322,8 @@ def build_plan(family: str, run_dir: str, overrides: list[str], dry_run: bool, e
         c = cfgs[name]
         t, o = c.trainer, c.optim
         p = plans.get(name)
-        lay_s = (f"TP{p.tp} PP{p.pp} EP{p.ep} ETP{p.etp} DP{p.dp}, {p.num_microbatches} micro-batches/step"
+        lay_s = (f"TP{p.layout.tp} PP{p.layout.pp} EP{p.layout.ep} ETP{p.layout.etp} DP{p.layout.dp}, "
+                 f"{p.trainer.num_microbatches} micro-batches/step"
                  if p else f"TP{c.parallel.tp} PP{c.parallel.pp} EP{c.parallel.ep}")
         spp = int(c.stage.samples_per_prompt)
         intro = [f"stage {n} ({name}): {t.max_steps} steps, global batch {t.global_batch_size}"
@@ -373,9 +374,10 @@ def memory_lines(cfg, world: int, on_cpu: bool) -> list[str]:
         return []
     try:
         from zeda_megatron import plan as mplan
+        from zeda_megatron.spec import resolve
 
-        mp = mplan.memory_plan(cfg, world, on_gpu=not on_cpu)
-        table = mplan.format_table(mp, str(cfg.model.name)).splitlines()
+        spec = resolve(cfg, world, inputs=False, on_gpu=not on_cpu)
+        table = mplan.format_table(mplan.plan_with_fixes(spec), spec.model.name).splitlines()
     except Exception as e:  # noqa: BLE001 - the plan is information here; the trainer checks it for real
         return [f"planned memory: not computed ({type(e).__name__}: {str(e)[:200]})"]
     return ["planned memory (python -m zeda_megatron.plan):"] + ["  " + line for line in table if line.strip()]
@@ -599,7 +601,7 @@ HOWTO = """how to build the environment (no installs happen on compute nodes):
   B) an NGC PyTorch container (torch + CUDA + Transformer Engine inside) with the project on top:
      pip install --no-deps -e . && pip install -r requirements.txt --no-deps (minus torch), then submit with
      SRUN_ARGS="--container-image=<image> --container-mounts=<shared fs>" PYTHON=python sbatch slurm/adapt_glm.sh ...
-  see README, section 'Slurm'."""
+  see docs/slurm.md."""
 
 
 def cmd_env(need_cuda: bool, gpus: int) -> int:

@@ -20,6 +20,7 @@ REL = 1e-5
 STEPS = 5
 OPTIM = {"lr": 1e-3, "min_lr": 0.0, "schedule": "cosine", "warmup_fraction": 0.2, "clip_grad": 0.05,
          "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.98, "adam_eps": 1e-8}
+CLIP_GRAD = OPTIM["clip_grad"]
 RUNS = {  # name: (engine, ep, engine config)
     "megatron_ep2": ("megatron", 2, None),
     "zero1_ep2": ("deepspeed", 2, {"zero_stage": 1}),
@@ -48,17 +49,16 @@ def _batches(step: int, rank: int):
 
 
 def _build(hf_dir, engine, cfg):
-    from zeda_megatron.mcore.config import NullExpertSettings
-    from zeda_megatron.training.build import build_engine
-    from zeda_megatron.training.distill import LossSpec
+    from spec_fixtures import run_spec
 
-    kw = dict(hf_dir=hf_dir, null=NullExpertSettings(4, 2.0), group_loss_coeff=0.1,
-              loss_spec=LossSpec("sft", 1.0, 0.5), optim=dict(OPTIM), max_steps=10, seed=0)
-    if engine == "megatron":
-        return build_engine(**kw)
-    from zeda_megatron.training.ds_engine import build_ds_engine
+    from zeda_megatron.training.engine import build_engine
 
-    return build_ds_engine(**kw, engine_cfg=cfg, micro_batch_size=1)
+    overrides = ["stage=sft", "stage.nll_weight=1.0", "stage.kl_weight=0.5", "model.null_experts.ratio=null",
+                 "model.null_experts.num=4", "model.null_experts.weight=2.0", "model.group_loss_coeff=0.1",
+                 "trainer.max_steps=10", "seed=0", "trainer.precision=fp32", *(f"optim.{k}={v}" for k, v in OPTIM.items())]
+    if engine == "deepspeed":
+        overrides += ["engine=deepspeed", *(f"engine.{k}={v}" for k, v in cfg.items())]
+    return build_engine(run_spec(hf_dir, *overrides))
 
 
 def _metrics(engine, step, rank):
@@ -193,7 +193,7 @@ def test_deepspeed_checkpoint_exports_like_megatron(job, run, reference):
     (["engine=fsdp"], "engine"),
 ])
 def test_unsupported_layouts_refused(overrides, key):
-    from zeda_megatron.plan import compose
+    from zeda_megatron.spec import compose
     from zeda_megatron.training.validate import ConfigError, validate_config
 
     try:
@@ -206,7 +206,7 @@ def test_unsupported_layouts_refused(overrides, key):
 
 
 def test_supported_deepspeed_configs_validate():
-    from zeda_megatron.plan import compose
+    from zeda_megatron.spec import compose
     from zeda_megatron.training.validate import validate_config
 
     for extra in (["parallel=ep2", "engine.zero_stage=2"], ["engine.zero_stage=3", "engine.offload_param=true",
@@ -216,11 +216,13 @@ def test_supported_deepspeed_configs_validate():
 
 
 def test_memory_plan_knows_both_engines():
-    from zeda_megatron.plan import compose, memory_plan
+    from zeda_megatron.plan import memory_plan
+    from zeda_megatron.spec import compose, resolve
 
     def plan(*o):
-        return memory_plan(compose(["model=qwen3_30b_a3b", "parallel.tp=1", "parallel.ep=1", "parallel.pp=1",
-                                    "parallel.sequence_parallel=false", *o]), 8, 80, on_gpu=True)
+        cfg = compose(["model=qwen3_30b_a3b", "parallel.tp=1", "parallel.ep=1", "parallel.pp=1",
+                       "parallel.sequence_parallel=false", "trainer.global_batch_size=16", *o])  # DP 8
+        return memory_plan(resolve(cfg, 8, inputs=False, on_gpu=True, gpu_gb=80))
 
     mg = plan("engine=megatron", "optim.use_distributed_optimizer=false", "optim.optimizer_cpu_offload=false")
     z1, z2 = plan("engine=deepspeed", "engine.zero_stage=1"), plan("engine=deepspeed", "engine.zero_stage=2")

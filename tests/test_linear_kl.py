@@ -283,8 +283,8 @@ def test_tp2_sequence_parallel_output_processor(tp_results):
 
 
 def test_bench_kl_small_chunked_peak_is_a_quarter_with_equal_values_and_gradients():
-    """tools/bench_kl.py at CI size (the issue's Must-show at b=1, s=4096, h=2048, V/TP=38720 is in
-    the README): fused chunked peak <= 1/4 of the materialised one, values rel 1e-5, same gradients."""
+    """tools/bench_kl.py at CI size (the full-size figures at b=1, s=4096, h=2048, V/TP=38720 are in
+    docs/benchmarks.md): fused chunked peak <= 1/4 of the materialised one, values rel 1e-5, same gradients."""
     import json
     import os
     import subprocess

@@ -94,8 +94,9 @@ def test_mcore_reaches_student_and_teacher_config(tmp_path):
     from omegaconf import OmegaConf
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from spec_fixtures import run_spec
+
     from zeda_megatron.distributed import destroy_parallel, init_parallel
-    from zeda_megatron.mcore.config import NullExpertSettings
     from zeda_megatron.training.build import build_models, cpu_offload_settings
 
     hf = OmegaConf.to_container(compose("model=tiny_qwen3").model.hf_config, resolve=True)
@@ -106,9 +107,10 @@ def test_mcore_reaches_student_and_teacher_config(tmp_path):
     settings = {"moe_z_loss_coeff": 2e-3, "moe_router_dtype": "fp64", "moe_grouped_gemm": True}
     init_parallel(tp=1, pp=1, ep=1, seed=3)
     try:
-        teacher, student, scfg, _ = build_models(
-            hf_dir=hf_dir, null=NullExpertSettings(num_null_experts=4, null_weight=2.0), group_loss_coeff=0.1,
-            seed=1, params_dtype=torch.float32, sequence_parallel=False, mcore=settings)
+        spec = run_spec(hf_dir, "model.null_experts.ratio=null", "model.null_experts.num=4",
+                        "model.null_experts.weight=2.0", "model.group_loss_coeff=0.1", "seed=1",
+                        *(f"+model.mcore.{k}={v}" for k, v in settings.items()))
+        teacher, student, scfg, _ = build_models(spec, hf_dir)
     finally:
         destroy_parallel()
     for cfg, model in ((teacher.config, teacher), (scfg, student)):
@@ -119,8 +121,9 @@ def test_mcore_reaches_student_and_teacher_config(tmp_path):
     assert scfg.moe_router_load_balancing_type == "grouped_aux_loss"  # the trainer's own settings still win
     with pytest.raises(H.MCoreSettingError, match="model.mcore.fp8"):
         H.transformer_config(H.model_info({**hf, "model_type": model_type}), mcore={"fp8": "hybrid"})
-    assert cpu_offload_settings({"optimizer_cpu_offload": False}) == {}
-    assert cpu_offload_settings({"optimizer_cpu_offload": True, "optimizer_offload_fraction": 0.5}) == dict(
+    assert cpu_offload_settings(spec.optim) == {}
+    offload = spec.with_(**{"optim.cpu_offload": True, "optim.offload_fraction": 0.5}).optim
+    assert cpu_offload_settings(offload) == dict(
         optimizer_cpu_offload=True, use_precision_aware_optimizer=True, optimizer_offload_fraction=0.5)
 
 

@@ -7,16 +7,13 @@ from dist_helpers import run_distributed
 
 
 def _worker(rank, world, hf_dir):
+    from trainer_fixtures import make_engine
+
     from zeda_megatron.distributed import init_parallel
-    from zeda_megatron.mcore.config import NullExpertSettings
-    from zeda_megatron.training.build import build_engine
-    from zeda_megatron.training.distill import LossSpec
     from zeda_megatron.training.rollout import sample
 
     init_parallel(ep=2)
-    engine = build_engine(hf_dir=hf_dir, null=NullExpertSettings(4, 2.0), group_loss_coeff=0.1,
-                          loss_spec=LossSpec("opd", 0.0, 1.0), optim={"lr": 1e-4, "schedule": "constant"},
-                          max_steps=1, seed=0, router_replay=True)
+    engine = make_engine(hf_dir, stage="opd", nll_weight=0.0, kl_weight=1.0, lr=1e-4, bias_update=True)
     prompts = [[[5 + rank, 9, 11 + rank]]]  # one prompt per rank, different on each
     greedy = dict(max_new_tokens=6, temperature=0.0, pad_id=0)
     probe = sample(engine.student, prompts, eos_id=-1, **greedy)

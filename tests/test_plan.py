@@ -28,6 +28,20 @@ def compose(*overrides):
         return hcompose("config", overrides=["run_dir=/tmp/zeda-plan-test", *overrides])
 
 
+def plan_of(*overrides, world=None, gpu_gb=80, on_gpu=True):
+    """The plan (fixes included) of the GPU run ``overrides`` describe, as ``python -m zeda_megatron.plan``
+    computes it."""
+    from zeda_megatron.spec import resolve
+
+    return P.plan_with_fixes(resolve(compose(*overrides), world, inputs=False, on_gpu=on_gpu, gpu_gb=gpu_gb))
+
+
+def spec_of(*overrides, world=None):
+    from zeda_megatron.spec import resolve
+
+    return resolve(compose(*overrides), world, inputs=False, on_gpu=True)
+
+
 def hf_dict(cfg) -> dict:
     from omegaconf import OmegaConf
 
@@ -55,7 +69,7 @@ def test_param_count_equals_transformers_on_meta(model):
     MTP layer is excluded on both sides (transformers builds none; the bridge imports none)."""
     cfg = compose(f"model={model}")
     hf = hf_dict(cfg)
-    counts = P.param_counts(hf, P.num_null_of(cfg, P.shapes_of(hf).experts))
+    counts = P.param_counts(hf, spec_of(f"model={model}").model.null.num)
     hf_params, hf_bias, hf_layers = transformers_counts(hf)
     assert hf_layers == hf["num_hidden_layers"]  # no MTP layer in transformers' model
     assert counts["original"] == hf_params
@@ -76,7 +90,7 @@ def test_param_count_equals_transformers_on_meta(model):
 def test_reference_presets_fit_80gb(model, stage):
     cfg = compose(f"model={model}", "parallel=reference_8gpu", f"stage={stage}")
     assert cfg.trainer.micro_batch_size * cfg.trainer.seq_length == (65536 if stage == "sft" else 2 * 36864)
-    plan = P.memory_plan(cfg, gpu_gb=80, on_gpu=True)
+    plan = plan_of(f"model={model}", "parallel=reference_8gpu", f"stage={stage}")
     assert plan["layout"] == {"world": 8, "tp": 4, "pp": 1, "ep": 8, "etp": 1, "dp": 2, "expert_dp": 1,
                               "sequence_parallel": True}
     assert plan["fits"] is True and plan["gpu_bytes"] < 80e9, P.format_table(plan)
@@ -84,15 +98,13 @@ def test_reference_presets_fit_80gb(model, stage):
     assert parts["optimizer_states"] == 0 and plan["host_optimizer_bytes"] > 0  # offloaded
     assert (parts["rollout_kv_cache"] > 0) == (stage == "opd")
     # without the preset's memory settings the same layout does not fit (the issue's ~77 GB of states)
-    bare = compose(f"model={model}", "parallel=reference_8gpu", f"stage={stage}",
-                   "optim.optimizer_cpu_offload=false", "trainer.recompute=false")
-    bad = P.memory_plan(bare, gpu_gb=80, on_gpu=True)
+    bad = plan_of(f"model={model}", "parallel=reference_8gpu", f"stage={stage}",
+                  "optim.optimizer_cpu_offload=false", "trainer.recompute=false")
     assert bad["fits"] is False
     assert bad["fixes"][:2] == ["trainer.recompute=full",
                                "optim.optimizer_cpu_offload=true optim.optimizer_offload_fraction=1.0"]
     # full-vocabulary logits of the reference's tokens per micro-batch do not fit either: the fused KL does
-    unfused = P.memory_plan(compose(f"model={model}", "parallel=reference_8gpu", f"stage={stage}",
-                                    "stage.fused_loss=false"), gpu_gb=80, on_gpu=True)
+    unfused = plan_of(f"model={model}", "parallel=reference_8gpu", f"stage={stage}", "stage.fused_loss=false")
     assert unfused["fits"] is False and unfused["fixes"] == ["stage.fused_loss=true"]
     assert unfused["per_gpu_bytes"]["loss_logits"] > 50 * parts["loss_logits"]
     # while sampling, grads and optimizer states are offloaded: the rollout batch that fits is reported
@@ -107,15 +119,15 @@ def test_per_gpu_split_follows_the_layout():
     cfg = compose("model=glm47_flash")
     hf = hf_dict(cfg)
     s = P.shapes_of(hf)
-    one = P._layer_params(s, True, 32)
-    four = P._layer_params(s, True, 32, tp=4, ep=8, etp=1)
+    one = P.layer_params(s, True, 32)
+    four = P.layer_params(s, True, 32, tp=4, ep=8, etp=1)
     assert four["expert"] * 8 == one["expert"]
     replicated = 2 * s.hidden + s.hidden * s.q_lora + s.q_lora + s.hidden * (s.kv_lora + s.qk_rope) + s.kv_lora \
         + (s.experts + 32) * s.hidden
     assert (one["dense"] - replicated) == 4 * (four["dense"] - replicated)
-    a = P.memory_plan(compose("model=glm47_flash", "parallel.ep=8", "parallel.tp=1"), world=8, gpu_gb=80, on_gpu=True)
-    b = P.memory_plan(compose("model=glm47_flash", "parallel.ep=8", "parallel.tp=1",
-                              "optim.use_distributed_optimizer=false"), world=8, gpu_gb=80, on_gpu=True)
+    layout = ("model=glm47_flash", "parallel.ep=8", "parallel.tp=1", "trainer.global_batch_size=16")  # DP 8
+    a = plan_of(*layout, world=8)
+    b = plan_of(*layout, "optim.use_distributed_optimizer=false", world=8)
     dense, expert = a["per_gpu_params"]["student_dense"], a["per_gpu_params"]["student_expert"]
     assert a["layout"]["dp"] == 8 and a["layout"]["expert_dp"] == 1
     assert a["per_gpu_bytes"]["optimizer_states"] == int((dense / 8 + expert) * 12)
@@ -145,21 +157,18 @@ def test_plan_cli_prints_table_and_json_line():
 
 
 # ---- the plan against the trainer's tensors ----------------------------------------------------------
-def _measure(rank, world, hf_dir, num_null, optim, ep):
+def _measure(rank, world, hf_dir, overrides, ep):
     """Build teacher + student + DDP + optimizer with the trainer's own build functions on this rank,
     take one optimizer step (Adam's moments exist after it) and measure the tensors."""
+    from spec_fixtures import run_spec
+
     from zeda_megatron.distributed import init_parallel
-    from zeda_megatron.mcore.specs import settings_from
     from zeda_megatron.training import build as B
 
     init_parallel(tp=1, pp=1, ep=ep, seed=1)
-    from zeda_megatron.bridge.hf_config import model_info, read_config_json
-
-    info = model_info(read_config_json(hf_dir))
-    null = settings_from(info.num_experts, num_null_experts=num_null, null_weight=2.0)
-    teacher, student, config, _ = B.build_models(
-        hf_dir=hf_dir, null=null, group_loss_coeff=0.1, seed=1, params_dtype=torch.float32, sequence_parallel=False)
-    ddp, optimizer, _ = B.build_optimizer(student, config, optim=optim, max_steps=2, params_dtype=torch.float32)
+    spec = run_spec(hf_dir, *overrides, "seed=1", "trainer.max_steps=2")
+    teacher, student, config, _ = B.build_models(spec, hf_dir)
+    ddp, optimizer, _ = B.build_optimizer(student, config, spec)
     for p in student.parameters():
         p.main_grad.zero_()
     optimizer.step()
@@ -180,7 +189,6 @@ def _measure(rank, world, hf_dir, num_null, optim, ep):
 def test_tiny_plan_bytes_equal_what_the_trainer_allocates(model, ep, tmp_path):
     """Parameters, DDP grad buffer and Adam states the plan predicts per rank equal the trainer's tensors
     (CPU: fp32 params and grads, plain Adam), alone and with the experts split over EP=2 (2 ranks)."""
-    from omegaconf import OmegaConf
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from dist_helpers import run_distributed
@@ -194,18 +202,17 @@ def test_tiny_plan_bytes_equal_what_the_trainer_allocates(model, ep, tmp_path):
     hf_dir = str(tmp_path / "hf")
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw)).save_pretrained(hf_dir)
-    z = P.num_null_of(cfg, P.shapes_of(hf).experts)
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    overrides = [f"model={model}", "stage=sft", f"parallel.ep={ep}"]
     if ep == 1:
         try:
-            measured = [_measure(0, 1, hf_dir, z, optim, 1)]
+            measured = [_measure(0, 1, hf_dir, overrides, 1)]
         finally:
             destroy_parallel()
     else:
-        measured = run_distributed(_measure, ep, hf_dir, z, optim, ep)
+        measured = run_distributed(_measure, ep, hf_dir, overrides, ep)
         assert measured[0] == measured[1]
     m = measured[0]
-    plan = P.memory_plan(cfg, world=ep, on_gpu=False)
+    plan = plan_of(*overrides, world=ep, gpu_gb=None, on_gpu=False)
     parts = plan["per_gpu_bytes"]
     assert plan["per_gpu_params"]["student"] == m["student_numel"]
     if ep == 1:
@@ -244,15 +251,13 @@ def test_layout_that_does_not_fit_is_refused_before_weights(tmp_path):
                             f"model.hf_dir={hf_dir}", f"data.path={data}"), 1)
 
 
-def test_offload_settings_checked(monkeypatch):
+def test_offload_settings_checked():
     from zeda_megatron.training.validate import ConfigError, validate_config
 
     with pytest.raises(ConfigError, match=r"optim.optimizer_offload_fraction=1.5"):
         validate_config(compose("model=tiny_qwen3", "optim.optimizer_offload_fraction=1.5"), 1)
-    import zeda_megatron.platform as platform
+    from zeda_megatron.spec import resolve
 
-    monkeypatch.setattr(platform, "on_cpu", lambda: False)
     with pytest.raises(ConfigError, match="needs the distributed optimizer"):
-        P.check_config(compose("model=tiny_qwen3", "optim.optimizer_cpu_offload=true",
-                               "optim.use_distributed_optimizer=false", "parallel.gpu_memory_gb=null"), 1,
-                       error=ConfigError)
+        resolve(compose("model=tiny_qwen3", "optim.optimizer_cpu_offload=true", "optim.use_distributed_optimizer=false",
+                        "parallel.gpu_memory_gb=null"), 1, on_gpu=True)

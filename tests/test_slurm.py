@@ -361,7 +361,7 @@ def _dry(script) -> str:
 
 @pytest.mark.parametrize("script,lr2", [(GLM, "1e-06"), (QWEN, "5e-06")])
 def test_dry_run_prints_the_reference_hyper_parameters(script, lr2):
-    """zeda_method.md sections 4-5: stage 1 one epoch of 60k prompts at GBS 128 (469 steps), lr 2e-5
+    """docs/method.md sections 4-5: stage 1 one epoch of 60k prompts at GBS 128 (469 steps), lr 2e-5
     cosine with 10% warmup, wd 0.1, betas 0.9/0.98, 65,536 tokens per micro-batch; stage 2 321 steps of
     16 prompts x 2 samples (GBS 32), constant lr (GLM 1e-6, Qwen 5e-6), responses up to 32,768 tokens at
     temperature 1; the reference layout TP4 EP8 on one 8-GPU node."""

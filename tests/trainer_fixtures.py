@@ -14,14 +14,20 @@ def make_engine(hf_dir: str, *, stage: str = "sft", kl_weight: float = 0.5, nll_
                 sequence_parallel: bool = False, seed: int = 0, bias_update: bool = False):
     """A co-located engine (after init_parallel). ``lr=0``: steps leave the weights unchanged, so
     one engine serves many comparisons; expert-bias updates are off (``bias_update``) for the same reason."""
-    from zeda_megatron.mcore.config import NullExpertSettings
-    from zeda_megatron.training.build import build_engine
-    from zeda_megatron.training.distill import LossSpec
+    from spec_fixtures import run_spec
 
-    spec = LossSpec(stage, nll_weight, kl_weight)
-    engine = build_engine(hf_dir=hf_dir, null=NullExpertSettings(num_null, 2.0), group_loss_coeff=group_loss_coeff,
-                          loss_spec=spec, optim={"lr": lr, "schedule": "constant", "clip_grad": 1e9},
-                          max_steps=10, seed=seed, router_replay=router_replay, sequence_parallel=sequence_parallel)
+    from zeda_megatron.training.engine import build_engine
+
+    spec = run_spec(
+        hf_dir, f"stage={stage}", f"stage.nll_weight={nll_weight}", f"stage.kl_weight={kl_weight}", "stage.kl=exact",
+        "stage.temperature=1.0", "stage.samples_per_prompt=1", "stage.max_new_tokens=1",
+        "model.null_experts.ratio=null", f"model.null_experts.num={num_null}", "model.null_experts.weight=2.0",
+        f"model.group_loss_coeff={group_loss_coeff}", f"optim.lr={lr}", "optim.min_lr=0", "optim.schedule=constant",
+        "optim.warmup_fraction=0", "optim.clip_grad=1e9", "optim.weight_decay=0.0", "optim.adam_beta1=0.9",
+        "optim.adam_beta2=0.999", "trainer.max_steps=10",
+        f"seed={seed}", f"stage.router_replay={router_replay}", f"parallel.sequence_parallel={sequence_parallel}",
+        "trainer.precision=fp32")
+    engine = build_engine(spec)
     if not bias_update:
         engine.config.moe_router_bias_update_rate = 0.0
     return engine

@@ -48,21 +48,25 @@ def _worker(rank, world, port, hf_dir, vocab, steps, ep, out):
 
     torch.set_num_threads(1)
     from zeda_megatron.distributed import destroy_parallel, init_parallel
-    from zeda_megatron.mcore.config import NullExpertSettings
-    from zeda_megatron.training.build import build_engine
-    from zeda_megatron.training.distill import LossSpec
-    from zeda_megatron.training.ds_engine import build_ds_engine, optimizer_state_bytes
+    from zeda_megatron.spec import compose, resolve
+    from zeda_megatron.training.ds_engine import optimizer_state_bytes
+    from zeda_megatron.training.engine import build_engine
     from zeda_megatron.training.step import train_step
 
-    optim = {"lr": 1e-3, "schedule": "cosine", "warmup_fraction": 0.1, "clip_grad": 1.0, "weight_decay": 0.1}
+    optim = {"lr": 1e-3, "schedule": "cosine", "warmup_fraction": 0.1, "clip_grad": 1.0, "weight_decay": 0.1,
+             "min_lr": 0.0, "adam_beta2": 0.999}
     results = {}
     for name, cfg in ENGINES.items():
         if cfg and cfg["zero_stage"] == 3 and ep > 1:
             continue  # refused layout (ZeRO-3 with EP)
         init_parallel(ep=ep, seed=0)
-        kw = dict(hf_dir=hf_dir, null=NullExpertSettings(4, 2.0), group_loss_coeff=0.1,
-                  loss_spec=LossSpec("sft", 1.0, 0.5), optim=optim, max_steps=steps, seed=0)
-        engine = build_engine(**kw) if cfg is None else build_ds_engine(**kw, engine_cfg=cfg, micro_batch_size=1)
+        overrides = [f"model.hf_dir={hf_dir}", "model.hf_config=null", "stage=sft", "stage.kl_weight=0.5",
+                     "model.null_experts.ratio=null", "model.null_experts.num=4", "model.null_experts.weight=2.0",
+                     f"trainer.max_steps={steps}", "seed=0", f"parallel.ep={ep}", "trainer.micro_batch_size=1",
+                     f"trainer.global_batch_size={world}", *(f"optim.{k}={v}" for k, v in optim.items())]
+        if cfg is not None:
+            overrides += ["engine=deepspeed", *(f"engine.{k}={v}" for k, v in cfg.items())]
+        engine = build_engine(resolve(compose(overrides, run_dir=out), world, inputs=False))
         times, loss = [], None
         for step in range(steps):
             t0 = time.perf_counter()
@@ -90,10 +94,12 @@ def main(argv=None) -> int:
     import torch.multiprocessing as mp
 
     from zeda_megatron.distributed import free_port
-    from zeda_megatron.plan import compose, hf_config_of
+    from omegaconf import OmegaConf
+
+    from zeda_megatron.spec import compose
     from zeda_megatron.training.random_init import write_random_hf
 
-    hf = hf_config_of(compose([f"model={args.model}"]))
+    hf = OmegaConf.to_container(compose([f"model={args.model}"], run_dir=".").model.hf_config, resolve=True)
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = os.path.join(tmp, "hf")
         write_random_hf(hf, hf_dir, seed=0)

@@ -1,7 +1,7 @@
 """Tokenise JSONL data once into megatron-core's indexed dataset format (.bin/.idx + loss masks).
 
     python -m zeda_megatron.prepare_data model=qwen3_30b_a3b model.hf_dir=/ckpt/Qwen3-30B-A3B \\
-        data.path=sft.jsonl [data.eval_path=heldout.jsonl] [stage=opd] [data.cache_dir=/scratch/prepared] \\
+        data.path=sft.jsonl [stage=opd] [data.cache_dir=/scratch/prepared] \\
         [out=/data/sft_qwen3] [force=true]
 
 It composes the training job's own config (the same conf groups and overrides as
@@ -20,22 +20,10 @@ Prints one JSON line per file: ``{"path", "prefix", "format", "num_documents", "
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        return hcompose("config", overrides=["run_dir=.", *overrides])
-
-
 def prepare_config(cfg, out: str | None = None, force: bool = False) -> list[dict]:
-    """Prepare ``cfg.data.path`` (and ``cfg.data.eval_path``) for ``cfg.stage``; returns one summary each."""
+    """Prepare ``cfg.data.path`` for ``cfg.stage``; returns its summary (a list of one)."""
     from zeda_megatron.training.jsonl import iter_jsonl
     from zeda_megatron.training.prepared import default_prefix, is_prepared, prepare
     from zeda_megatron.training.tokenizers import cfg_get, load_tokenizer
@@ -43,24 +31,17 @@ def prepare_config(cfg, out: str | None = None, force: bool = False) -> list[dic
     tokenizer = load_tokenizer(cfg.model)
     chat = bool(cfg_get(cfg.data, "chat_template", False))
     need = "prompt" if cfg.stage.name == "opd" else "train"
-    sources = [("path", cfg.data.path, out), ("eval_path", cfg.data.eval_path, out and out + "_eval")]
     if cfg.data.path is None:
         raise ValueError("data.path is not set: give the JSONL file to prepare (data.path=FILE)")
-    results = []
-    for key, path, prefix in sources:
-        if path is None:
-            continue
-        path = str(path)
-        if is_prepared(path):
-            results.append({"path": path, "prefix": path, "skipped": True, "note": "already a prepared prefix"})
-            continue
-        fmt, _ = iter_jsonl(path, cfg_get(cfg.data, "format", "auto"), need)
-        prefix = prefix or default_prefix(path, tokenizer, fmt, chat, cfg_get(cfg.data, "cache_dir"))
-        meta = prepare(path, tokenizer, prefix, fmt, chat, need=need, force=force)
-        results.append({"path": path, "prefix": prefix, "format": meta["format"],
-                        "num_documents": meta["num_documents"], "num_tokens": meta["num_tokens"],
-                        "num_trained_tokens": meta["num_trained_tokens"], "skipped": meta["skipped"]})
-    return results
+    path = str(cfg.data.path)
+    if is_prepared(path):
+        return [{"path": path, "prefix": path, "skipped": True, "note": "already a prepared prefix"}]
+    fmt, _ = iter_jsonl(path, cfg_get(cfg.data, "format", "auto"), need)
+    prefix = out or default_prefix(path, tokenizer, fmt, chat, cfg_get(cfg.data, "cache_dir"))
+    meta = prepare(path, tokenizer, prefix, fmt, chat, need=need, force=force)
+    return [{"path": path, "prefix": prefix, "format": meta["format"], "num_documents": meta["num_documents"],
+             "num_tokens": meta["num_tokens"], "num_trained_tokens": meta["num_trained_tokens"],
+             "skipped": meta["skipped"]}]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             force = a[6:].lower() in ("1", "true", "yes")
         else:
             overrides.append(a)
+    from zeda_megatron.spec import compose
+
     try:
-        cfg = compose(overrides)
+        cfg = compose(overrides, run_dir=".")
     except Exception as e:  # Hydra's override/composition errors
         print(f"error: {e}", file=sys.stderr)
         return 2

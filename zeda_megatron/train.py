@@ -20,25 +20,19 @@ from zeda_megatron.distributed import all_reduce_host
 log = logging.getLogger("zeda_megatron.train")
 
 
-def _teacher_source(cfg, plan, run_dir: str, rank0: bool) -> str:
+def _teacher_source(spec, run_dir: str, rank0: bool) -> str:
     """The original model's HF directory: model.hf_dir, or (tiny random-init models) a seeded random
     checkpoint written once into the run folder with transformers' own classes."""
-    if cfg.model.hf_dir:
-        return str(cfg.model.hf_dir)
+    if spec.model.hf_dir:
+        return spec.model.hf_dir
     path = os.path.join(run_dir, "teacher_hf")
     if rank0 and not os.path.isfile(os.path.join(path, "config.json")):
         from zeda_megatron.training.random_init import write_random_hf
 
-        write_random_hf(plan.hf_config, path, seed=int(cfg.seed))
+        write_random_hf(spec.model.hf_config, path, seed=spec.seed)
     if dist.is_initialized():
         dist.barrier()
     return path
-
-
-def _recompute_mode(value) -> str | None:
-    """trainer.recompute: false/none -> None, true/full -> "full", selective -> "selective"."""
-    v = str(value).lower()
-    return {"false": None, "none": None, "true": "full", "full": "full", "selective": "selective"}[v]
 
 
 def _fingerprint(module) -> str:
@@ -57,10 +51,10 @@ def _all_ranks_true(flag: bool) -> bool:
     return int(all_reduce_host(torch.tensor([0 if flag else 1]))) == 0
 
 
-def _resume_path(cfg, save_dir: str):
+def _resume_path(spec, save_dir: str):
     from zeda_megatron.training import checkpoint
 
-    mode = str(cfg.trainer.resume)
+    mode = spec.trainer.resume
     if mode == "never":
         if checkpoint.latest(save_dir):
             raise FileExistsError(
@@ -77,60 +71,32 @@ def _resume_path(cfg, save_dir: str):
 
 def run(cfg) -> dict:
     """Train per ``cfg`` (a composed config); returns the last step's metrics (rank 0)."""
-    from omegaconf import OmegaConf
-
     from zeda_megatron.distributed import destroy_parallel, init_parallel
-    from zeda_megatron.mcore.specs import settings_from
-    from zeda_megatron.platform import on_cpu
     from zeda_megatron.training import checkpoint, signals
     from zeda_megatron.training.data import build_dataset, iterate_batches, load_tokenizer, prompts_of
-    from zeda_megatron.training.build import build_engine
-    from zeda_megatron.training.distill import LossSpec
+    from zeda_megatron.training.engine import build_engine
     from zeda_megatron.training.moe_metrics import group_loss, null_metrics
     from zeda_megatron.training.step import train_step
     from zeda_megatron.training.metrics import MetricsWriter, ProgressPrinter, WandbLogger, save_resolved_config
     from zeda_megatron.training.validate import validate_config
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    plan = validate_config(cfg, world)  # before any process group, model or file
+    spec = validate_config(cfg, world)  # the run's spec: everything checked before any process group, model or file
     tokenizer = load_tokenizer(cfg.model)
     dataset = build_dataset(cfg, tokenizer)  # data errors (file, line, key) before the model
-    init_parallel(tp=plan.tp, pp=plan.pp, ep=plan.ep, etp=plan.etp, seed=int(cfg.seed))
+    lay, tr, stage = spec.layout, spec.trainer, spec.stage
+    init_parallel(tp=lay.tp, pp=lay.pp, ep=lay.ep, etp=lay.etp, seed=spec.seed)
     rank = dist.get_rank()
     rank0 = rank == 0
-    dirs = [str(cfg.run_dir), str(cfg.trainer.save_dir)]
+    dirs = [str(spec.run_dir), str(tr.save_dir)]
     dist.broadcast_object_list(dirs, src=0)  # ranks > 0 run Hydra without an output folder of their own
     run_dir, save_dir = dirs
-    resume = _resume_path(cfg, save_dir)  # before anything is written or built
+    resume = _resume_path(spec, save_dir)  # before anything is written or built
     if rank0:
         os.makedirs(run_dir, exist_ok=True)
         save_resolved_config(cfg, run_dir)
-    stage = cfg.stage
-    hf_dir = _teacher_source(cfg, plan, run_dir, rank0)
-    nx = cfg.model.null_experts
-    null = settings_from(plan.num_experts, num_null_experts=nx.num, null_ratio=None if nx.num is not None else nx.ratio,
-                         null_weight=float(nx.weight), mask_null_experts=bool(nx.get("mask", False)))
-    precision = str(cfg.trainer.precision)
-    dtype = torch.float32 if precision == "fp32" or (precision == "auto" and on_cpu()) else torch.bfloat16
-    spec = LossSpec(stage.name, float(stage.nll_weight), float(stage.kl_weight), str(stage.kl), float(stage.temperature),
-                    fused=bool(stage.get("fused_loss", False)))
-    optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    build = build_engine
-    engine_cfg = OmegaConf.to_container(cfg.engine, resolve=True) if cfg.get("engine") else {"name": "megatron"}
-    if engine_cfg.get("name") == "deepspeed":  # conf/engine/deepspeed.yaml: the student under DeepSpeed ZeRO
-        from functools import partial
-
-        from zeda_megatron.training.ds_engine import build_ds_engine
-
-        build = partial(build_ds_engine, engine_cfg=engine_cfg, micro_batch_size=int(cfg.trainer.micro_batch_size))
-    engine = build(
-        hf_dir=hf_dir, null=null, group_loss_coeff=float(cfg.model.group_loss_coeff), loss_spec=spec,
-        optim=optim, max_steps=int(cfg.trainer.max_steps), seed=int(cfg.seed),
-        init_checkpoint=cfg.model.init_checkpoint, recompute=_recompute_mode(cfg.trainer.recompute),
-        router_replay=stage.name == "opd" and bool(stage.router_replay), params_dtype=dtype,
-        sequence_parallel=bool(cfg.parallel.get("sequence_parallel", False)),
-        mcore=OmegaConf.to_container(cfg.model.mcore, resolve=True) if cfg.model.get("mcore") else None,
-    )
+    hf_dir = _teacher_source(spec, run_dir, rank0)
+    engine = build_engine(spec, hf_dir)
     start = 0
     if resume:
         start = int(checkpoint.load(engine, resume)["step"])
@@ -138,40 +104,34 @@ def run(cfg) -> dict:
             log.info("resumed from %s at step %d", resume, start)
     writer = MetricsWriter(run_dir, rank0=rank0, resume_step=start)
     wandb = WandbLogger(cfg, rank0=rank0, run_dir=run_dir)
-    progress = ProgressPrinter(int(cfg.trainer.max_steps), rank0=rank0, enabled=bool(cfg.logging.progress), start_step=start)
+    progress = ProgressPrinter(tr.max_steps, rank0=rank0, enabled=bool(cfg.logging.progress), start_step=start)
     signals.install_signal_handlers()
-    verify_teacher = bool(cfg.trainer.get("verify_teacher", False))
-    teacher_before = _fingerprint(engine.teacher) if verify_teacher else None
+    teacher_before = _fingerprint(engine.teacher) if tr.verify_teacher else None
 
     from megatron.core import parallel_state as ps
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    mbs, nmb = int(cfg.trainer.micro_batch_size), plan.num_microbatches
-    n_samples = int(stage.samples_per_prompt) if stage.name == "opd" else 1
-    batches = iterate_batches(dataset, mbs // n_samples, nmb, dp_rank, dp, int(cfg.seed), start_step=start,
-                              max_steps=int(cfg.trainer.max_steps))
+    nmb = tr.num_microbatches
+    n_samples = stage.samples_per_prompt if stage.needs_sampling else 1
+    batches = iterate_batches(dataset, tr.micro_batch_size // n_samples, nmb, dp_rank, dp, spec.seed, start_step=start,
+                              max_steps=tr.max_steps)
     last = {}
-    save_interval = int(cfg.trainer.save_interval)
-    # stage.offload_while_sampling: auto = on where training memory is on a GPU and the engine is megatron's
-    offload_setting = str(stage.get("offload_while_sampling", "auto")).lower()
-    offload_rollout = (offload_setting == "true" or (offload_setting == "auto" and not on_cpu())) \
-        and engine_cfg.get("name", "megatron") == "megatron"
     for step, micro in enumerate(batches, start=start):
         t0 = time.time()
         replay = None
-        if stage.name == "opd":
+        if stage.needs_sampling:
             from zeda_megatron.training.rollout import offloaded, sample
 
             prompts = [prompts_of(mb, repeat=n_samples) for mb in micro]
             # a CPU generator seeded alike on the ranks of one replica (the sampler draws on every rank)
-            gen = torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + step * 1009 + dp_rank)
+            gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + step * 1009 + dp_rank)
             # KV-cached sampling on the live student; its routing is recorded while sampling and replayed
             # in the training forward. Grad buffers and optimizer state leave the GPU meanwhile.
-            with offloaded(engine.ddp, engine.optimizer, enabled=offload_rollout):
-                rollout = sample(engine.student, prompts, max_new_tokens=int(stage.max_new_tokens),
-                                 temperature=float(stage.temperature), top_p=float(stage.get("top_p", 1.0)),
+            with offloaded(engine.ddp, engine.optimizer, enabled=stage.offload_while_sampling):
+                rollout = sample(engine.student, prompts, max_new_tokens=stage.max_new_tokens,
+                                 temperature=stage.temperature, top_p=stage.top_p,
                                  eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, generator=gen,
-                                 record_routing=bool(stage.router_replay))
+                                 record_routing=stage.router_replay)
             micro, replay = rollout.batches, rollout.replay
         out = train_step(engine, micro, replay=replay, pad_id=tokenizer.pad_id)
         routing = null_metrics(engine)
@@ -179,7 +139,7 @@ def run(cfg) -> dict:
         last = {
             "step": step + 1, "loss": out["loss"], "nll": out["nll"], "kl": out["kl"],
             "group_loss": group_loss(engine, nmb), "null_share": routing["null_share"],
-            "null_target": plan.null_target_share,
+            "null_target": spec.model.null.target_share,
             "expert_flops_removed": routing["expert_flops_removed"],
             "expert_flops_removed_incl_shared": routing["expert_flops_removed_incl_shared"],
             "null_share_per_layer": {str(k): v for k, v in routing["null_share_per_layer"].items()},
@@ -189,11 +149,11 @@ def run(cfg) -> dict:
         writer.write(step + 1, last)
         wandb.log(last, step + 1)
         progress.update(step + 1, last)
-        done = step + 1 == int(cfg.trainer.max_steps)
+        done = step + 1 == tr.max_steps
         stop = signals.stop_requested_all()
-        if done or stop or (save_interval and (step + 1) % save_interval == 0):
-            checkpoint.save(engine, step + 1, save_dir, extra={"run_dir": run_dir, "hf_dir": hf_dir, "seed": int(cfg.seed)},
-                            keep=int(cfg.trainer.get("keep_checkpoints", 0)))
+        if done or stop or (tr.save_interval and (step + 1) % tr.save_interval == 0):
+            checkpoint.save(engine, step + 1, save_dir, extra={"run_dir": run_dir, "hf_dir": hf_dir, "seed": spec.seed},
+                            keep=tr.keep_checkpoints)
         if stop:
             if rank0:
                 log.warning("stopping after step %d on signal; resume with trainer.resume=auto", step + 1)
@@ -201,7 +161,7 @@ def run(cfg) -> dict:
     writer.close()
     wandb.finish()
     summary = {"last": last, "steps_done": last.get("step", start), "run_dir": run_dir, "save_dir": save_dir}
-    if verify_teacher:
+    if tr.verify_teacher:
         summary["teacher_unchanged"] = _all_ranks_true(_fingerprint(engine.teacher) == teacher_before)
     if rank0:
         import json

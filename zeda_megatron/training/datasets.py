@@ -360,17 +360,15 @@ def prepared_prefix(path: str, tokenizer, fmt: str = "auto", chat_template: bool
     return prefix
 
 
-def build_dataset(cfg, tokenizer, split: str = "train"):
-    """The dataset of the composed config for its stage: data.path (train) or data.eval_path (eval);
-    the synthetic corpus when data.path is null (train) — None for a null eval path. Stage-1 datasets
-    carry ``packing`` (``data.packing``), which :func:`.batching.iterate_batches` follows."""
+def build_dataset(cfg, tokenizer):
+    """The training dataset of the composed config for its stage: data.path, or the synthetic corpus
+    when it is null. Stage-1 datasets carry ``packing`` (``data.packing``), which
+    :func:`.batching.iterate_batches` follows."""
     stage = cfg.stage.name
-    path = cfg.data.path if split == "train" else cfg.data.eval_path
+    path = cfg.data.path
     seq = int(cfg.trainer.seq_length)
     chat = bool(cfg_get(cfg.data, "chat_template", False))
     if path is None:
-        if split != "train":
-            return None
         ds = SyntheticDataset(tokenizer, seq, int(cfg_get(cfg.data, "synthetic_samples", 512)),
                               seed=int(cfg.seed), stage=stage, max_new_tokens=int(cfg.stage.max_new_tokens))
     else:

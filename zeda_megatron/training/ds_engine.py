@@ -35,8 +35,9 @@ import torch.distributed as dist
 
 from zeda_megatron.distributed import comm_device
 from zeda_megatron.platform import on_cpu
-from zeda_megatron.training.build import Engine, build_models
-from zeda_megatron.training.distill import CoLocatedDistillation, LossSpec
+from zeda_megatron.spec import EngineSpec, OptimSpec, RunSpec
+from zeda_megatron.training.build import Engine, build_models, build_scheduler, loss_spec, null_settings
+from zeda_megatron.training.distill import CoLocatedDistillation
 
 from zeda_megatron.training.ds_weights import DS_TAG, WEIGHTS, load_student_weights
 
@@ -57,20 +58,20 @@ def expert_group_name(ep: int) -> str:
     return f"ep_size_{ep}"
 
 
-def ds_config(engine_cfg: dict, *, optim: dict, micro_batch_size: int, params_dtype) -> dict:
+def ds_config(engine: EngineSpec, *, optim: OptimSpec, micro_batch_size: int, params_dtype) -> dict:
     """DeepSpeed's config dict from conf/engine/deepspeed.yaml (+ its ``config`` passthrough)."""
-    stage = int(engine_cfg.get("zero_stage", 2))
+    stage = engine.zero_stage
     zero = {"stage": stage, "reduce_scatter": True, "overlap_comm": False, "contiguous_gradients": True}
-    if engine_cfg.get("offload_optimizer"):
+    if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu()}
-    if engine_cfg.get("offload_param"):
+    if engine.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": not on_cpu()}
     if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     base = {
         "train_micro_batch_size_per_gpu": int(micro_batch_size),
         "gradient_accumulation_steps": 1,  # the schedule's micro-batches: boundary set by no_sync_func
-        "gradient_clipping": float(optim.get("clip_grad", 1.0)),
+        "gradient_clipping": optim.clip_grad,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # torch AdamW as the client optimizer, also when offloaded
@@ -78,7 +79,7 @@ def ds_config(engine_cfg: dict, *, optim: dict, micro_batch_size: int, params_dt
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    return deep_merge(base, engine_cfg.get("config") or {})
+    return deep_merge(base, engine.config)
 
 
 def register_expert_groups(ep: int) -> str:
@@ -96,14 +97,13 @@ def register_expert_groups(ep: int) -> str:
     return name
 
 
-def param_groups(student, *, optim: dict, group_name: str) -> list[dict]:
+def param_groups(student, *, optim: OptimSpec, group_name: str) -> list[dict]:
     """megatron-core's optimizer groups (its standard no-weight-decay rule for biases and 1-D
     params, dense and expert params apart), with DeepSpeed-MoE's ``moe``/``name`` keys."""
     from deepspeed.moe.utils import is_moe_param
     from megatron.core.optimizer import OptimizerConfig, get_standard_config_overrides
 
-    cfg = OptimizerConfig(optimizer="adam", lr=optim["lr"], min_lr=optim.get("min_lr", 0.0),
-                          weight_decay=optim.get("weight_decay", 0.0))
+    cfg = OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay)
     overrides = get_standard_config_overrides(cfg)
     groups: dict = {}
     for name, p in student.named_parameters():
@@ -122,7 +122,7 @@ def param_groups(student, *, optim: dict, group_name: str) -> list[dict]:
         out.append({
             "params": params, "moe": moe, "name": group_name if moe else f"dense_wd{wd_mult:g}",
             "wd_mult": wd_mult, "lr_mult": 1.0, "is_decoupled_lr": False, "is_expert_parallel": moe,
-            "default_config": True, "max_lr": optim["lr"], "min_lr": optim.get("min_lr", 0.0),
+            "default_config": True, "max_lr": optim.lr, "min_lr": optim.min_lr,
         })
     return out
 
@@ -304,29 +304,22 @@ def optimizer_state_bytes(optimizer, masters: bool = True) -> dict:
     return out
 
 
-def build_ds_engine(*, hf_dir: str, null, group_loss_coeff: float, loss_spec: LossSpec, optim: dict, max_steps: int,
-                    seed: int, engine_cfg: dict, micro_batch_size: int = 1, init_checkpoint: str | None = None,
-                    recompute: str | None = None, router_replay: bool = False, params_dtype=None,
-                    sequence_parallel: bool = False, mcore: dict | None = None) -> DeepSpeedTrainEngine:
-    """Teacher + student as :func:`zeda_megatron.training.build.build_engine`, the student wrapped
-    by DeepSpeed (``engine_cfg``: conf/engine/deepspeed.yaml). After init_parallel (PP=1)."""
+def build_ds_engine(spec: RunSpec, hf_dir: str) -> DeepSpeedTrainEngine:
+    """Teacher + student as :func:`zeda_megatron.training.build.build_megatron_engine`, the student wrapped
+    by DeepSpeed (``spec.engine``: conf/engine/deepspeed.yaml). After init_parallel (PP=1)."""
     from deepspeed import set_optimizer_flags
     from deepspeed.runtime.config import DeepSpeedConfig
     from megatron.core import parallel_state as ps
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    dtype = params_dtype or (torch.float32 if on_cpu() else torch.bfloat16)
+    optim, dtype = spec.optim, spec.trainer.dtype
     init_deepspeed_comm()
-    teacher, student, config, info = build_models(
-        hf_dir=hf_dir, null=null, group_loss_coeff=group_loss_coeff, seed=seed, params_dtype=dtype,
-        sequence_parallel=sequence_parallel, init_checkpoint=init_checkpoint, recompute=recompute,
-        router_replay=router_replay, mcore=mcore)
+    teacher, student, config, info = build_models(spec, hf_dir)
     ep = ps.get_expert_model_parallel_world_size()
     name = register_expert_groups(ep)
     groups = param_groups(student, optim=optim, group_name=name)
-    client = torch.optim.AdamW(groups, lr=optim["lr"], betas=(optim.get("adam_beta1", 0.9), optim.get("adam_beta2", 0.999)),
-                               eps=optim.get("adam_eps", 1e-8), weight_decay=optim.get("weight_decay", 0.0))
-    cfg = ds_config(engine_cfg, optim=optim, micro_batch_size=micro_batch_size, params_dtype=dtype)
+    client = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.adam_beta1, optim.adam_beta2),
+                               eps=optim.adam_eps, weight_decay=optim.weight_decay)
+    cfg = ds_config(spec.engine, optim=optim, micro_batch_size=spec.trainer.micro_batch_size, params_dtype=dtype)
     config_class = DeepSpeedConfig(cfg, None)
     set_optimizer_flags(config_class, student)
     with _quiet_deepspeed():
@@ -334,14 +327,9 @@ def build_ds_engine(*, hf_dir: str, null, group_loss_coeff: float, loss_spec: Lo
                              lr_scheduler=None, mpu=None, dist_init_required=False, collate_fn=None, config=cfg,
                              config_class=config_class)
     ds.has_moe_layers = False  # checkpoints: DeepSpeed's plain path (its MoE path knows only its MoE modules)
-    warmup = int(round(optim.get("warmup_fraction", 0.0) * max_steps))
-    scheduler = OptimizerParamScheduler(
-        client, init_lr=0.0 if warmup else optim["lr"], max_lr=optim["lr"], min_lr=optim.get("min_lr", 0.0),
-        lr_warmup_steps=warmup, lr_decay_steps=max(max_steps, 1), lr_decay_style=optim.get("schedule", "cosine"),
-        start_wd=optim.get("weight_decay", 0.0), end_wd=optim.get("weight_decay", 0.0),
-        wd_incr_steps=max(max_steps, 1), wd_incr_style="constant")
+    scheduler = build_scheduler(client, optim, spec.trainer.max_steps)
     wrapper = CoLocatedDistillation(ds, teacher)
-    engine = DeepSpeedTrainEngine(wrapper, ds, scheduler, config, info, null, loss_spec,
+    engine = DeepSpeedTrainEngine(wrapper, ds, scheduler, config, info, null_settings(spec), loss_spec(spec),
                                   zero_stage=int(cfg["zero_optimization"]["stage"]), ep=ep)
     config.no_sync_func = engine._no_sync
     config.finalize_model_grads_func = engine._finalize

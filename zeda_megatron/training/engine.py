@@ -1,30 +1,23 @@
-"""The distillation engine's public API, one concern per module:
+"""The one entry that builds a training engine for this rank from the run's spec: megatron-core's
+DDP + optimizer (:func:`zeda_megatron.training.build.build_megatron_engine`) or DeepSpeed ZeRO
+(:func:`zeda_megatron.training.ds_engine.build_ds_engine`), per ``spec.engine``. The trainer and the
+rehearsal call it; call after :func:`zeda_megatron.distributed.init_parallel`."""
 
-* :mod:`zeda_megatron.training.build`: :class:`Engine`, :func:`build_engine` (teacher + student,
-  DDP, optimizer, scheduler);
-* :mod:`zeda_megatron.training.distill`: :class:`CoLocatedDistillation` (student + frozen teacher
-  per pipeline stage), :class:`LossSpec`, the last stage's loss;
-* :mod:`zeda_megatron.training.step`: :func:`train_step`, :func:`run_schedule`, batches onto the
-  device and padded for the layout;
-* :mod:`zeda_megatron.training.moe_metrics`: null share, expert FLOPs removed, group loss.
+from __future__ import annotations
 
-This module re-exports them for callers that import ``zeda_megatron.training.engine``.
-"""
+from zeda_megatron.spec import RunSpec
 
-from zeda_megatron.training.build import Engine, build_engine, build_models, build_optimizer
-from zeda_megatron.training.distill import (
-    CoLocatedDistillation,
-    LossSpec,
-    double_hidden_shapes,
-    freeze_teacher,
-    loss_func,
-    token_losses,
-)
-from zeda_megatron.training.moe_metrics import group_loss, null_metrics
-from zeda_megatron.training.step import model_device, prepare_microbatches, run_schedule, train_step
 
-__all__ = [
-    "CoLocatedDistillation", "Engine", "LossSpec", "build_engine", "build_models", "build_optimizer",
-    "double_hidden_shapes", "freeze_teacher", "group_loss", "loss_func", "model_device", "null_metrics",
-    "prepare_microbatches", "run_schedule", "token_losses", "train_step",
-]
+def build_engine(spec: RunSpec, hf_dir: str | None = None):
+    """Teacher + student (weights from ``hf_dir``, default ``spec.model.hf_dir``), the student's
+    wrapper, optimizer and LR schedule."""
+    hf_dir = hf_dir or spec.model.hf_dir
+    if not hf_dir:
+        raise ValueError("build_engine needs the original model's HF folder (model.hf_dir, or hf_dir=...)")
+    if spec.engine.deepspeed:
+        from zeda_megatron.training.ds_engine import build_ds_engine
+
+        return build_ds_engine(spec, hf_dir)
+    from zeda_megatron.training.build import build_megatron_engine
+
+    return build_megatron_engine(spec, hf_dir)

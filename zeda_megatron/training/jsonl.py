@@ -68,7 +68,7 @@ def iter_jsonl(path: str, fmt: str = "auto", need: str = "train") -> tuple[str, 
     each record keeps only the fields of its format (stage 2: the prompt). Errors are raised while
     iterating, at the offending line."""
     if path is None or not os.path.isfile(str(path)):
-        raise ValueError(f"data file {path!r} does not exist (data.path / data.eval_path)")
+        raise ValueError(f"data file {path!r} does not exist (data.path)")
     path = str(path)
     first = next(_lines(path), None)
     fmt = resolve_format(path, fmt, need, first)
