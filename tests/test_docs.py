@@ -36,7 +36,6 @@ PAGES_NOT_WRITTEN_YET = {
     "docs/rehearsal.md",    # the full-size rehearsal with fake tensors
     "docs/rollouts.md",     # stage-2 sampling and generation; content waiting in docs/_moved_rollouts.md
     "docs/slurm.md",        # the Slurm job, sweeps; content waiting in docs/_moved_slurm.md
-    "docs/evaluation.md",   # evaluation; content waiting in docs/_moved_evaluation.md
     "docs/quality.md",      # the embedded default's quality
 }
 

@@ -4,6 +4,8 @@ the adaptation report."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from zeda_megatron.eval.report import write_report
 from zeda_megatron.eval.scoring import evaluate_model
 
 QUIET = lambda *a: None  # noqa: E731
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _weights(d):
@@ -120,3 +123,22 @@ def test_evaluate_and_report(teacher, tmp_path):
     pngs = [x for x in os.listdir(tmp_path / "rep") if x.endswith(".png")]
     assert {"curve_loss.png", "null_share_per_layer.png", "null_share_by_token_class.png"} <= set(pngs)
     assert all(p in text for p in pngs)
+
+
+def test_make_tiny_teacher_cli_records_the_recipe(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "t"
+    res = subprocess.run([sys.executable, "tools/make_tiny_teacher.py", "--preset", "test", "--steps", "4",
+                          "--threads", "1", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    printed = json.loads(res.stdout.strip().splitlines()[-2])
+    info = json.loads((out / "teacher_info.json").read_text())
+    from zeda_megatron.embedded.teacher import settings_hash, weights_digest
+
+    assert printed["hash"] == info["hash"] == settings_hash("glm", "test", 0, {"steps": 4}, threads=1)
+    assert printed["weights_sha256"] == info["weights_sha256"] == weights_digest(str(out))
+    assert info["threads"] == 1 and info["steps_done"] == 4 and info["command"].startswith("python tools/make_tiny_teacher.py")
+    # --ship rebuilds only the shipped recipe, and says so before any work
+    res = subprocess.run([sys.executable, "tools/make_tiny_teacher.py", "--ship", "--seed", "1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "--ship rebuilds the shipped recipe" in res.stderr

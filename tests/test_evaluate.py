@@ -128,6 +128,14 @@ def test_lm_eval_on_the_shipped_tasks_reports_null_share(dirs, tmp_path):
     assert res["routed_slots"] > 0 and 0.0 < res["routed_null_share"] < 1.0
 
 
+def test_harness_command_writes_the_shipped_data(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "zeda_megatron.harness", "--write-data", str(tmp_path)],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("arith_heldout.jsonl", "code_heldout.jsonl"):
+        assert (tmp_path / name).read_text() == open(os.path.join(ROOT, "lm_eval_tasks", "data", name)).read(), name
+
+
 def test_shipped_arith_data_is_the_evaluation_set():
     from zeda_megatron.embedded import corpus
 

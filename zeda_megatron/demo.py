@@ -34,14 +34,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="run folder (report in OUT/report)")
-    p.add_argument("--cache", default=".cache/zeda", help="where the trained teacher is cached")
+    p.add_argument("--cache", default=".cache/zeda", help="where a teacher that is not shipped is built")
+    p.add_argument("--rebuild-teacher", action="store_true",
+                   help="build the teacher here (hours for the demo preset) instead of using the shipped one")
+    p.add_argument("--teacher-seed", type=int, default=0, help="the teacher's seed (0: the shipped teacher)")
     p.add_argument("--family", default="glm", choices=("glm", "qwen3"))
     p.add_argument("--preset", default="demo", choices=("demo", "test"), help="teacher size")
     p.add_argument("--nproc", type=int, default=2, help="processes (expert parallel size)")
     p.add_argument("--sft-steps", type=int, default=200)
     p.add_argument("--opd-steps", type=int, default=30)
     p.add_argument("--prompts", type=int, default=512, help="distillation prompts")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="adaptation seed (null-row init, data, sampling)")
     p.add_argument("--eval-chunks", type=int, default=48)
     p.add_argument("--arith-problems", type=int, default=500, help="held-out arithmetic problems")
     p.add_argument("--stage1-data", choices=("generate", "text", "mix"), default="generate",
@@ -148,7 +151,7 @@ def _free_port() -> int:
 
 
 def run(args) -> dict:
-    from zeda_megatron.embedded import corpus, teacher
+    from zeda_megatron.embedded import corpus, recipe, teacher
     from zeda_megatron.eval import baselines, report, scoring
     from zeda_megatron.eval.data import eval_data
     from zeda_megatron.eval.models import load
@@ -159,14 +162,15 @@ def run(args) -> dict:
     os.makedirs(out, exist_ok=True)
     family = "glm4_moe_lite" if args.family == "glm" else "qwen3_moe"
 
-    # 1. the teacher (cached)
-    tdir = os.path.join(cache, f"teacher_{args.family}_{args.preset}_s{args.seed}")
-    say(f"1/6 teacher: {tdir}")
-    # The teacher is built single-threaded unless OMP_NUM_THREADS says otherwise: its weights differ bitwise
-    # between thread counts, and the README's figures are those of the single-threaded build.
+    # 1. the teacher: the shipped finished one (demo preset), else built here and cached
+    say("1/6 teacher")
+    # A teacher built here is single-threaded unless OMP_NUM_THREADS says otherwise: its weights differ
+    # bitwise between thread counts (the shipped one's count is in its teacher_info.json).
     threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or 1
-    info = teacher.build_teacher(tdir, family=args.family, preset=args.preset, seed=args.seed, threads=threads)
-    say(f"    {'reused (cached)' if info.get('cached') else 'trained'}: held-out NLL {info.get('heldout_nll', float('nan')):.3f} "
+    tdir, info = teacher.ensure_teacher(cache, args.family, args.preset, args.teacher_seed, threads=threads,
+                                        rebuild=args.rebuild_teacher, log=say)
+    how = "shipped" if info.get("shipped") else "reused (cached)" if info.get("cached") else "trained"
+    say(f"    {how}: {tdir}: held-out NLL {info.get('heldout_nll', float('nan')):.3f} "
         f"(random model {info.get('random_nll', float('nan')):.3f}, unigram {info.get('unigram_nll', float('nan')):.3f})")
 
     # 2. distillation data from the teacher
@@ -184,20 +188,12 @@ def run(args) -> dict:
 
     # w = 2.5 (target wZ/(E+wZ) = 56% with Z = E/2): stage 2 gives back a few points of the stage-1 share,
     # so the run ends above 50% (w = 2, the reference's, ended at 44%); --extra model.null_experts.weight=...
-    common = [f"model=embedded_{args.family}", f"model.hf_dir={tdir}", "trainer.verify_teacher=true",
-              "model.null_experts.weight=2.5",
-              f"seed={1234 + args.seed}", "trainer.seq_length=128", "trainer.micro_batch_size=4"]
-    # Stage 1 distils with the exact full-vocabulary forward KL to the co-located teacher (no NLL on
-    # its greedy responses, which drifts the student away from the teacher's distribution).
-    sft_args = ["stage.kl_weight=1.0", "stage.nll_weight=0.0", "optim.lr=3e-4", "trainer.global_batch_size=16"]
-    opd_args = ["optim.lr=1e-4", "trainer.global_batch_size=8", "stage.max_new_tokens=32"]
-    if args.nproc > 1:
-        common.append(f"parallel.ep={args.nproc}")
+    common = recipe.common(args.family, tdir, args.seed, 2.5, args.nproc)
     # 3. stage 1 and 4. stage 2
     sft_dir, opd_dir = os.path.join(out, "sft"), os.path.join(out, "opd")
     for n, (stage, run_dir, steps, extra) in enumerate((
-        ("sft", sft_dir, args.sft_steps, [f"data.path={sft}", *sft_args]),
-        ("opd", opd_dir, args.opd_steps, [f"data.path={prompts}", f"model.init_checkpoint={sft_dir}/checkpoints", *opd_args]),
+        ("sft", sft_dir, args.sft_steps, recipe.stage1(sft)),
+        ("opd", opd_dir, args.opd_steps, recipe.stage2(prompts, f"{sft_dir}/checkpoints")),
     ), start=3):
         say(f"{n}/6 stage {n - 2} ({stage}), {steps} steps, {args.nproc} processes, EP={args.nproc}: {run_dir}")
         if _stage_finished(run_dir, steps):
@@ -209,14 +205,13 @@ def run(args) -> dict:
     nt_dir = os.path.join(out, "baseline_no_teacher")
     if args.baselines == "on":
         nt_steps = args.no_teacher_steps or args.sft_steps
-        text = os.path.join(ddir, "text.jsonl")
+        rows = recipe.corpus_rows(nt_steps)  # the teacher's own corpus, no row seen twice
+        text = os.path.join(ddir, f"text_{rows}.jsonl")
         if not os.path.isfile(text):
-            corpus.write_stage1_data(text, n=max(args.prompts, 256), seed=args.seed, mode="text")
+            corpus.write_stage1_data(text, n=rows, seed=args.teacher_seed, mode="text")
         say(f"   baseline: null experts trained without a teacher (plain NLL), {nt_steps} steps: {nt_dir}")
         if not _stage_finished(nt_dir, nt_steps):
-            _train(args, "sft", nt_dir, common + [f"data.path={text}", "stage.kl_weight=0.0", "stage.nll_weight=1.0",
-                                                  "optim.lr=3e-4", "trainer.global_batch_size=16",
-                                                  f"trainer.max_steps={nt_steps}"])
+            _train(args, "sft", nt_dir, common + recipe.no_teacher(text) + [f"trainer.max_steps={nt_steps}"])
         else:
             say("    reused (finished)")
 
@@ -253,7 +248,7 @@ def run(args) -> dict:
         return summary
     os.makedirs(rdir, exist_ok=True)
     t_model, t_tok = load(tdir)
-    data = eval_data(t_tok, args.seed, args.eval_chunks, n_arith=args.arith_problems)
+    data = eval_data(t_tok, args.teacher_seed, args.eval_chunks, n_arith=args.arith_problems)  # the teacher's held-out split
     ref = scoring.teacher_reference(t_model, t_tok, data)
     student = load(hf_dir)
     summary = scoring.evaluate_model(student, (t_model, t_tok), dial=args.dial, data=data, ref=ref,
