@@ -93,3 +93,18 @@ def test_aggregate_spread_and_verdicts():
     assert Q.interpolate(cells[0.6][0]["dial"], 0.5, "nll") == pytest.approx(3.0 - 0.01 + 0.01 * 0.3 / 0.4)
     assert Q.interpolate(cells[0.6][0]["dial"], 0.9, "nll") is None
     assert "| 60% | ZEDA stages 1+2 | 2 | 61.0 ± 1.4% |" in Q.table_md(q)
+
+
+def test_shipped_teacher_is_the_recipes_build(tmp_path):
+    from zeda_megatron.embedded.teacher import ensure_teacher, settings_hash, shipped_dir, shipped_teacher, \
+        weights_digest
+
+    d = shipped_dir("glm", "demo", 0)
+    info = json.load(open(os.path.join(d, "teacher_info.json")))
+    assert info["hash"] == settings_hash("glm", "demo", 0, threads=info["threads"])  # the preset as built
+    assert weights_digest(d) == info["weights_sha256"]
+    assert info["steps_done"] == info["settings"]["steps"] and len(info["curve"]) >= 4
+    assert shipped_teacher("glm", "demo", 0)["shipped"]
+    path, got = ensure_teacher(str(tmp_path), "glm", "demo", 0)  # used in place, nothing built
+    assert path == d and got["shipped"] and not os.listdir(tmp_path)
+    assert shipped_teacher("glm", "demo", 1) is None and shipped_teacher("qwen3", "demo", 0) is None

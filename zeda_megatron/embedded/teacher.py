@@ -288,7 +288,8 @@ def build_teacher(out_dir: str, family: str = "glm", preset: str = "demo", seed:
                     heldout_nll=nll, random_nll=rnll, unigram_nll=unll, curve=curve, version=VERSION,
                     python=platform.python_version(), torch=torch.__version__, stdlib_digest=stdlib_digest(),
                     weights_sha256=weights_digest(out_dir),
-                    command=f"python tools/make_tiny_teacher.py --family {family} --preset {preset} --seed {seed}")
+                    command=f"python tools/make_tiny_teacher.py --family {family} --preset {preset} --seed {seed} "
+                            f"--threads {n_threads}")
         with open(os.path.join(out_dir, INFO), "w") as f:
             json.dump(info, f, indent=1)
         with open(marker, "w") as f:
