@@ -102,10 +102,10 @@ def _generate_prompt_ids(monkeypatch, tmp_path, hf_dir, prompts_path, chat):
 
 
 def _evaluation_prompt_ids(tok_hf, prompts):
-    """The ids ``zeda_megatron.evaluate`` feeds the model for its generation (arithmetic) prompts."""
+    """The ids the evaluation (``zeda_megatron.eval``) feeds the model for its generation (arithmetic) prompts."""
     import torch
 
-    from zeda_megatron import evaluate as E
+    from zeda_megatron.eval import scoring as E
 
     seen = []
 
@@ -161,7 +161,7 @@ def test_prompt_ids_identical_across_generate_prepare_train_evaluate(tokdirs, fa
     # evaluation (its prompts are plain: the evaluated embedded/base models are not chat models)
     if not chat:
         assert _evaluation_prompt_ids(tok.tok, PROMPTS) == ref
-        from zeda_megatron import evaluate as E
+        from zeda_megatron.eval import data as E
 
         data = E.eval_data(tok.tok, n_chunks=3, chunk_chars=200, n_arith=2)
         if tok.bos_id is not None:  # its NLL texts: BOS + text, as training's text documents start

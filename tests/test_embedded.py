@@ -1,19 +1,24 @@
-"""The embedded default's pieces: corpus, tiny teacher (test preset), evaluation, report."""
+"""The embedded default's pieces: corpus, tiny teacher (test preset), evaluation (zeda_megatron.eval) and
+the adaptation report."""
 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from zeda_megatron.embedded import corpus
-from zeda_megatron.embedded.evaluate import evaluate, plusplus_from_teacher
-from zeda_megatron.embedded.report import write_report
 from zeda_megatron.embedded.teacher import build_teacher, is_built
+from zeda_megatron.eval.models import plusplus_from_teacher
+from zeda_megatron.eval.report import write_report
+from zeda_megatron.eval.scoring import evaluate_model
 
 QUIET = lambda *a: None  # noqa: E731
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _weights(d):
@@ -68,7 +73,7 @@ def test_teacher_trained_and_loadable(teacher):
     assert len(tok) <= mi.vocab_size
     # and it solves some arithmetic (greedy exact match; a random model solves none)
     from zeda_megatron.embedded import corpus
-    from zeda_megatron.embedded.evaluate import arith_accuracy
+    from zeda_megatron.eval.scoring import arith_accuracy
     from zeda_megatron.embedded.teacher import load
 
     model, tk = load(d)
@@ -95,25 +100,45 @@ def test_teacher_cached_and_deterministic(teacher, tmp_path):
 
 def test_evaluate_and_report(teacher, tmp_path):
     d, _ = teacher
-    s = evaluate(d, d, out_dir=str(tmp_path / "self"), n_chunks=4, n_arith=8, log=QUIET)
+    kw = dict(n_chunks=4, n_arith=8, dial=(), log=QUIET)
+    s = evaluate_model(d, d, **kw)
     assert s["kl_teacher_student"] == pytest.approx(0, abs=1e-6) and s["teacher_nll"] == s["student_nll"]
     # a null-expert (PlusPlus) student, loaded with trust_remote_code: masked = the teacher exactly
     pm = plusplus_from_teacher(d, str(tmp_path / "pp_mask"), num_null=4, mask_null=True)
-    s = evaluate(d, pm, n_chunks=4, n_arith=8, log=QUIET)
+    s = evaluate_model(pm, d, **kw)
     assert s["kl_teacher_student"] < 1e-6 and s["null_share"] == 0
     pp = plusplus_from_teacher(d, str(tmp_path / "pp"), num_null=4, null_bias=0.5)
-    s = evaluate(d, pp, out_dir=str(tmp_path / "rep"), n_chunks=4, n_arith=8, log=QUIET)
+    s = evaluate_model(pp, d, **kw)
     assert 0 < s["null_share"] <= 1 and set(s["null_share_per_layer"]) == {"1"}
     assert s["expert_flops_removed_incl_shared"] < s["expert_flops_removed"]
     assert s["kl_teacher_student"] > 0
     assert any(v is not None for v in s["null_share_by_token_class"].values())
-    assert os.path.isfile(tmp_path / "rep" / "summary.json")
     m = tmp_path / "metrics.jsonl"
     m.write_text("\n".join(json.dumps({"step": i, "loss": 3.0 / i, "kl": 0.1 / i, "null_share": 0.1 * i,
                                        "null_target": 0.5}) for i in range(1, 6)) + "\n")
     md = write_report(s, {"stage 1": str(m), "stage 2": str(m), "missing": "/nonexistent"}, str(tmp_path / "rep"))
+    assert os.path.isfile(tmp_path / "rep" / "summary.json")
     text = open(md).read()
     assert "expert FLOPs removed" in text.lower() or "Routed expert FLOPs removed" in text
     pngs = [x for x in os.listdir(tmp_path / "rep") if x.endswith(".png")]
     assert {"curve_loss.png", "null_share_per_layer.png", "null_share_by_token_class.png"} <= set(pngs)
     assert all(p in text for p in pngs)
+
+
+def test_make_tiny_teacher_cli_records_the_recipe(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "t"
+    res = subprocess.run([sys.executable, "tools/make_tiny_teacher.py", "--preset", "test", "--steps", "4",
+                          "--threads", "1", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    printed = json.loads(res.stdout.strip().splitlines()[-2])
+    info = json.loads((out / "teacher_info.json").read_text())
+    from zeda_megatron.embedded.teacher import settings_hash, weights_digest
+
+    assert printed["hash"] == info["hash"] == settings_hash("glm", "test", 0, {"steps": 4}, threads=1)
+    assert printed["weights_sha256"] == info["weights_sha256"] == weights_digest(str(out))
+    assert info["threads"] == 1 and info["steps_done"] == 4 and info["command"].startswith("python tools/make_tiny_teacher.py")
+    # --ship rebuilds only the shipped recipe, and says so before any work
+    res = subprocess.run([sys.executable, "tools/make_tiny_teacher.py", "--ship", "--seed", "1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "--ship rebuilds the shipped recipe" in res.stderr

@@ -1,5 +1,6 @@
-"""Evaluation (zeda_megatron.evaluate), the compute dial, baselines' routing transforms, lm-eval on the
-shipped task files, and the two benchmarks, on the test-preset teacher."""
+"""Evaluation (zeda_megatron.eval and its command, python -m zeda_megatron.evaluate), the compute dial,
+baselines' routing transforms, lm-eval on the shipped task files, and the two benchmarks, on the
+test-preset teacher."""
 
 import json
 import os
@@ -9,10 +10,12 @@ import sys
 import pytest
 import torch
 
-from zeda_megatron import baselines as bl
-from zeda_megatron import evaluate as ev
-from zeda_megatron.embedded.evaluate import plusplus_from_teacher
 from zeda_megatron.embedded.teacher import build_teacher
+from zeda_megatron.eval import baselines as bl
+from zeda_megatron.eval import data as evdata
+from zeda_megatron.eval import models as evm
+from zeda_megatron.eval import scoring as ev
+from zeda_megatron.eval.models import plusplus_from_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
@@ -32,9 +35,9 @@ def dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(dirs):
     teacher, student, _ = dirs
-    t = ev.load(teacher)
-    data = ev.eval_data(t[1], seed=0, n_chunks=6, n_arith=60)
-    return t, ev.load(student), data, ev.teacher_reference(*t, data)
+    t = evm.load(teacher)
+    data = evdata.eval_data(t[1], seed=0, n_chunks=6, n_arith=60)
+    return t, evm.load(student), data, ev.teacher_reference(*t, data)
 
 
 def test_dial_monotone_and_bias_zero_is_the_model(loaded):
@@ -48,10 +51,10 @@ def test_dial_monotone_and_bias_zero_is_the_model(loaded):
     zero = rows[2]
     for k in ("expert_flops_removed", "nll", "kl", "arith_acc"):
         assert zero[k] == plain[k], k  # bias 0 reproduces the model
-    assert all(abs(m.zce_logit_bias) == 0.0 for _, m in ev.null_blocks(s[0]))  # reset after the sweep
+    assert all(abs(m.zce_logit_bias) == 0.0 for _, m in evm.null_blocks(s[0]))  # reset after the sweep
     # the exported config field is what the remote code reads
     b = ev.calibrate_bias(s[0], data, 0.5)
-    ev.set_null_logit_bias(s[0], b)
+    evm.set_null_logit_bias(s[0], b)
     assert abs(ev.null_share(s[0], data) - 0.5) < 0.1
 
 
@@ -66,13 +69,13 @@ def test_exported_config_exposes_the_dial(dirs, loaded, tmp_path):
     shutil.copytree(student, d)
     cfg["zce_logit_bias"] = 1.5
     (d / "config.json").write_text(json.dumps(cfg))
-    m, tok = ev.load(str(d))
-    assert all(blk.zce_logit_bias == 1.5 for _, blk in ev.null_blocks(m))
-    ev.set_null_logit_bias(s[0], 1.5)
+    m, tok = evm.load(str(d))
+    assert all(blk.zce_logit_bias == 1.5 for _, blk in evm.null_blocks(m))
+    evm.set_null_logit_bias(s[0], 1.5)
     try:
         assert ev.null_share(m, data) == ev.null_share(s[0], data)
     finally:
-        ev.set_null_logit_bias(s[0], 0.0)
+        evm.set_null_logit_bias(s[0], 0.0)
     assert ev.null_share(m, data) > ev.null_share(s[0], data)
 
 
@@ -80,20 +83,20 @@ def test_training_free_baselines_hit_the_target(dirs, loaded):
     teacher, _, root = dirs
     t, _, data, ref = loaded
     pp_dir = plusplus_from_teacher(teacher, str(root / "orig_pp"), num_null=1, mask_null=True)
-    pp, tok = ev.load(pp_dir)
+    pp, tok = evm.load(pp_dir)
     # the masked PlusPlus teacher is the teacher, bit for bit
     assert ev.score(pp, tok, data, ref, arith=False)["kl"] == pytest.approx(0.0, abs=1e-6)
-    bl._route_with_input(pp)
+    bl.route_with_input(pp)
     try:
-        k1 = ev.score(pp, tok, data, ref, transform=bl._strip(bl.static_topk(1)), arith=False)
+        k1 = ev.score(pp, tok, data, ref, transform=bl.strip(bl.static_topk(1)), arith=False)
         assert k1["expert_flops_removed"] == pytest.approx(0.5)  # K=2 -> 1
         assert k1["kl"] > 0
         for make, inc in ((bl.top_p, False), (bl.threshold, True)):
             p = bl.bisect_param(pp, data, make, 0.3, 0.0, 1.0, increasing=inc)
-            share = ev.null_share(pp, data, transform=bl._strip(make(p)))
+            share = ev.null_share(pp, data, transform=bl.strip(make(p)))
             assert abs(share - 0.3) < 0.08, (make.__name__, p, share)
     finally:
-        bl._unpatch(pp)
+        bl.unpatch(pp)
 
 
 def test_checkpoint_without_null_experts_reports_zero_and_teacher_figures(dirs, tmp_path):
@@ -115,7 +118,7 @@ def test_checkpoint_without_null_experts_reports_zero_and_teacher_figures(dirs, 
 
 
 def test_lm_eval_on_the_shipped_tasks_reports_null_share(dirs, tmp_path):
-    from zeda_megatron.harness import run_lm_eval
+    from zeda_megatron.eval.harness import run_lm_eval
 
     _, student, _ = dirs
     res = run_lm_eval(student, out_dir=str(tmp_path / "lm"), limit=8)
@@ -123,6 +126,14 @@ def test_lm_eval_on_the_shipped_tasks_reports_null_share(dirs, tmp_path):
     assert 0.0 <= res["scores"]["zeda_arith"]["exact_match"] <= 1.0
     assert res["scores"]["zeda_code"]["bits_per_byte"] > 0
     assert res["routed_slots"] > 0 and 0.0 < res["routed_null_share"] < 1.0
+
+
+def test_harness_command_writes_the_shipped_data(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "zeda_megatron.harness", "--write-data", str(tmp_path)],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("arith_heldout.jsonl", "code_heldout.jsonl"):
+        assert (tmp_path / name).read_text() == open(os.path.join(ROOT, "lm_eval_tasks", "data", name)).read(), name
 
 
 def test_shipped_arith_data_is_the_evaluation_set():
@@ -164,7 +175,7 @@ def test_plusplus_counters(loaded):
     with torch.no_grad():
         s[0](input_ids=torch.tensor([data.ids[0]]))
     st = routing_stats(s[0])
-    assert st["slots"] == len(data.ids[0]) * 2 * len(ev.null_blocks(s[0]))
+    assert st["slots"] == len(data.ids[0]) * 2 * len(evm.null_blocks(s[0]))
     assert 0 <= st["null_slots"] <= st["slots"]
 
 

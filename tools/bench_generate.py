@@ -91,8 +91,7 @@ def run(args) -> dict:
     import torch
 
     from zeda_megatron.bridge.remote_code.zce_common import reset_routing_stats, routing_stats
-    from zeda_megatron.embedded.evaluate import plusplus_from_teacher
-    from zeda_megatron.evaluate import load, set_null_logit_bias
+    from zeda_megatron.eval.models import load, plusplus_from_teacher, set_null_logit_bias
 
     torch.set_num_threads(args.threads)
     model_dir, teacher_dir = args.model, args.teacher

@@ -5,8 +5,8 @@
 
 ``STUDENT`` is an exported Hugging Face directory (``config.json``; PlusPlus remote code) or a
 megatron-core checkpoint (``tools/convert_hf.py`` / the trainer's ``checkpoints``), exported to
-``<run_dir>/student_hf`` first (``tools/export_hf.py``). The teacher is ``evaluate.teacher``
-(default ``model.hf_dir``). Writes ``eval.json`` and ``eval.md`` in the run folder:
+``<run_dir>/student_hf`` first through the bridge. The teacher is ``evaluate.teacher`` (default
+``model.hf_dir``). Writes ``eval.json`` and ``eval.md`` in the run folder:
 
 * routed slots sent to null experts (overall, per MoE layer, per token class) and expert FLOPs
   removed: routed-expert FLOPs (= the null-slot share) and all expert FLOPs counting the
@@ -16,9 +16,10 @@ megatron-core checkpoint (``tools/convert_hf.py`` / the trainer's ``checkpoints`
 * arithmetic exact match (greedy, ``evaluate.arith_problems`` >= 500 held-out problems);
 * the compute dial: a bias added to the null experts' router logits (``zce_logit_bias`` of the
   export) swept over ``evaluate.dial``; each point's FLOPs removed, NLL, KL, arithmetic;
-* with ``evaluate.baselines=true`` the table at matched expert FLOPs (:mod:`zeda_megatron.baselines`).
+* with ``evaluate.baselines=true`` the table at matched expert FLOPs (:mod:`zeda_megatron.eval.baselines`).
 
-A model without null experts (the teacher, a Z = 0 export) reports 0 removed.
+A model without null experts (the teacher, a Z = 0 export) reports 0 removed. The library behind it
+is :mod:`zeda_megatron.eval`.
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ import os
 
 import torch
 
-from zeda_megatron.scoring import *  # noqa: F401,F403  (the scoring library; callers use evaluate.<name>)
-from zeda_megatron.scoring import ROOT, eval_data, evaluate_model, export_checkpoint, is_hf_dir, load, \
-    teacher_reference, write_markdown
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(cfg) -> dict:
     from omegaconf import OmegaConf
+
+    from zeda_megatron.eval.data import eval_data
+    from zeda_megatron.eval.models import as_hf_dir, load
+    from zeda_megatron.eval.report import write_markdown
+    from zeda_megatron.eval.scoring import evaluate_model, teacher_reference
 
     ev = cfg.evaluate
     out_dir = os.path.abspath(ev.out_dir or cfg.run_dir)
@@ -44,9 +48,7 @@ def run(cfg) -> dict:
     teacher = ev.teacher or OmegaConf.select(cfg, "model.hf_dir")
     if not teacher:
         raise SystemExit("evaluate.teacher (or model.hf_dir) must name the teacher's HF directory")
-    student = ev.student
-    if not is_hf_dir(student):
-        student = export_checkpoint(student, os.path.join(out_dir, "student_hf"))
+    student = as_hf_dir(ev.student, os.path.join(out_dir, "student_hf"))
     t_model, t_tok = load(teacher)
     s_model, s_tok = load(student)
     data = eval_data(t_tok, ev.seed, ev.heldout_chunks, ev.chunk_chars, ev.max_len, ev.arith_problems)
@@ -54,10 +56,9 @@ def run(cfg) -> dict:
     summary = evaluate_model((s_model, s_tok), (t_model, t_tok), dial=list(ev.dial or []), data=data, ref=ref)
     summary["student"], summary["teacher"] = os.path.abspath(student), os.path.abspath(teacher)
     if ev.baselines:
-        from zeda_megatron.baselines import baseline_table
+        from zeda_megatron.eval.baselines import baseline_table
 
-        trained = {k: (v if is_hf_dir(v) else export_checkpoint(v, os.path.join(out_dir, f"{k}_hf")))
-                   for k, v in dict(ev.trained or {}).items()}
+        trained = {k: as_hf_dir(v, os.path.join(out_dir, f"{k}_hf")) for k, v in dict(ev.trained or {}).items()}
         summary["baselines"] = baseline_table(teacher, student, trained=trained, data=data, ref=ref,
                                               teacher_model=(t_model, t_tok), work_dir=out_dir)
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
@@ -75,4 +76,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -173,11 +173,13 @@ def heldout_code(seed: int = 0, n_chunks: int = 64, chunk_chars: int = 600) -> l
 
 
 # ---- prompts and stage-1 data ---------------------------------------------------------------------
-def distill_prompts(n: int = 256, seed: int = 0, arith_frac: float = 0.5, prefix_chars: int = 160) -> list[str]:
-    """Prompts for distillation: code prefixes (from *training* files: the held-out files stay unseen)
-    and arithmetic prompts ``"a op b ="``, interleaved (seeded)."""
+def distill_prompts(n: int = 256, seed: int = 0, arith_frac: float = 0.5, prefix_chars: int = 160,
+                    split_seed: int = 0) -> list[str]:
+    """Prompts for distillation: code prefixes (from the *training* files of the teacher's split
+    ``split_seed``: the held-out files stay unseen) and arithmetic prompts ``"a op b ="``, interleaved
+    (sampled with ``seed``)."""
     rng = random.Random(f"prompts-{seed}")
-    train_files, _ = split_files(seed)
+    train_files, _ = split_files(split_seed)
     n_arith = int(round(n * arith_frac))
     arng = random.Random(f"arith-prompt-{seed}")
     prompts = [_problem(arng)[0] for _ in range(n_arith)]

@@ -1,6 +1,6 @@
 """Loading and generating with a Hugging Face causal LM (the embedded teachers and exported
-students): the bottom of :mod:`zeda_megatron.embedded` (imports nothing else from it, so corpus,
-teacher and evaluate all use it without an import cycle)."""
+students): imports nothing else of the package, so the corpus, the teacher build and the evaluation
+(:mod:`zeda_megatron.eval`) all use it without an import cycle."""
 
 from __future__ import annotations
 
