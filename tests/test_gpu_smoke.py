@@ -196,13 +196,16 @@ def test_download_command_names_the_lock_and_the_python():
 
 
 # ---- the pieces the GPU checks use -------------------------------------------------------------------------------
-def test_forced_schedule_reproduces_the_responses():
-    from train_wrapped import forced_schedule
+def test_forced_tokens_follow_each_sequence():
+    from types import SimpleNamespace as NS
 
-    prompts, responses = [[1, 2, 3], [1, 2, 3, 4, 5]], [[7, 8], [9]]
-    steps = forced_schedule(prompts, responses, pad_id=0)
-    # decoding starts at position 3 (shortest prompt) and ends after row 1's response (position 5)
-    assert [s.tolist() for s in steps] == [[7, 0], [8, 0], [0, 9]]
+    from train_wrapped import forced_tokens
+
+    wanted = [[7, 8], [9]]
+    # a step sampling sequence 1's first token and sequence 0's second (slots in any order), then a
+    # position past sequence 1's response
+    samples = [(0, 3, NS(index=1, sampled=0)), (1, 0, NS(index=0, sampled=1)), (2, 1, NS(index=1, sampled=1))]
+    assert forced_tokens(wanted, samples, pad_id=0) == [9, 8, 0]
 
 
 @pytest.mark.slow

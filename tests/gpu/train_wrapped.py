@@ -5,8 +5,8 @@ ZEDA_SMOKE_TOKENS=record:PREFIX  every stage-2 micro-batch's prompts and sampled
                                  to PREFIX.rank<R>.jsonl (one JSON line per micro-batch)
 ZEDA_SMOKE_TOKENS=replay:PREFIX  the sampler picks the recorded responses (all PREFIX.rank*.jsonl files,
                                  matched by the micro-batch's prompts) instead of drawing its own. The
-                                 whole rollout still runs (cached decoding, routing records for replay,
-                                 log-probs); only the token choice is forced, so that a stage-2 step of
+                                 whole rollout still runs (slots, cached decoding, routing records for
+                                 replay, log-probs); only each sequence's token choice is forced, so that a stage-2 step of
                                  two runs whose logits differ by rounding (bf16 GPU vs fp32 CPU, one GPU
                                  vs EP=2) trains on the same samples and can be compared.
 ZEDA_SMOKE_MEMORY=FILE           rank 0 writes torch.cuda.max_memory_allocated() (and reserved) to FILE
@@ -59,31 +59,34 @@ def load_records(prefix: str) -> dict[str, list]:
     return out
 
 
-def forced_schedule(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> list[torch.Tensor]:
-    """The sampler's token choices, one [b] tensor per decode step, that reproduce ``responses``:
-    decoding starts at the shortest prompt and row i's response occupies positions len(prompt_i) ...;
-    entries for positions a row does not sample (its prompt, or after its last token) are ignored by
-    the sampler."""
-    plen = [len(p) for p in prompts]
-    start, end = min(plen), max(n + len(r) for n, r in zip(plen, responses))
-    steps = []
-    for t in range(start, end):
-        row = [r[t - n] if 0 <= t - n < len(r) else pad_id for n, r in zip(plen, responses)]
-        steps.append(torch.tensor(row, dtype=torch.long))
-    return steps
+def forced_tokens(wanted: list[list[int]], samples, pad_id: int) -> list[int]:
+    """The token each sampled row of a decode step must take to reproduce ``wanted`` (the responses,
+    by the sampler's flattened prompt index): ``samples`` are the step plan's (row, slot, sequence)
+    and a sequence's next token is its response's ``sequence.sampled``-th. A position past the
+    recorded response gets ``pad_id`` (the response check then fails)."""
+    out = []
+    for _, _, seq in samples:
+        r = wanted[seq.index]
+        out.append(r[seq.sampled] if seq.sampled < len(r) else pad_id)
+    return out
 
 
 def install_replay(prefix: str) -> None:
     from zeda_megatron.training import rollout
+    from zeda_megatron.training.rollout import engine as engine_mod
 
     records = load_records(prefix)
-    real_sample, real_choose = rollout.sample, rollout.choose_tokens
-    queue: list[torch.Tensor] = []
+    real_sample, real_step = rollout.sample, engine_mod.Engine._sample
+    state: dict = {}
 
-    def choose_tokens(logits, u, temperature, top_p):
-        if not queue:
-            raise RuntimeError("replayed samples ran out: the run decodes differently from the recorded one")
-        return queue.pop(0).to(logits.device)
+    def step(self, logits, plan, u_idx, last, uniforms, pending):
+        forced = forced_tokens(state["wanted"], plan.samples, self.pad_id)
+        real_choose = engine_mod.choose_tokens
+        engine_mod.choose_tokens = lambda lg, u, t, p: torch.tensor(forced, dtype=torch.long, device=lg.device)
+        try:
+            return real_step(self, logits, plan, u_idx, last, uniforms, pending)
+        finally:
+            engine_mod.choose_tokens = real_choose
 
     def sample(model, prompt_batches, **kw):
         wanted = []
@@ -91,15 +94,14 @@ def install_replay(prefix: str) -> None:
             key = json.dumps([list(map(int, p)) for p in prompts])
             if not records.get(key):
                 raise KeyError(f"no recorded samples for the prompts {key[:200]}")
-            responses = records[key].pop(0)
-            wanted.append(responses)
-            queue.extend(forced_schedule(prompts, responses, kw.get("pad_id", 0)))
-        rollout.choose_tokens = choose_tokens
+            wanted.append(records[key].pop(0))
+        state["wanted"] = [r for mb in wanted for r in mb]
+        engine_mod.Engine._sample = step
         try:
             r = real_sample(model, prompt_batches, **kw)
         finally:
-            rollout.choose_tokens = real_choose
-        if queue or r.responses != wanted:
+            engine_mod.Engine._sample = real_step
+        if r.responses != wanted:
             raise RuntimeError("the replayed rollout differs from the recorded samples")
         return r
 
