@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${ZEDA_VENV:-.venv}
 "$PY" -c 'import sys; assert sys.version_info >= (3, 11), "zeda-megatron needs Python >= 3.11, found " + sys.version.split()[0]'
-stamp="$VENV/.zeda-setup-$(cat requirements.txt scripts/setup.sh | sha1sum | cut -c1-12)"
+LOCK=tools/gpu_node_lock.txt
+stamp="$VENV/.zeda-setup-$(cat requirements.txt "$LOCK" scripts/setup.sh | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ]; then echo "[setup] $VENV is up to date"; exit 0; fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 VPY="$VENV/bin/python"
@@ -29,9 +30,11 @@ pipq() {
 pipq --upgrade pip setuptools wheel
 # torch first and alone, exact version, so nothing later can pull a CUDA build.
 pipq "torch==2.13.0"
-pipq -r requirements.txt
+# Everything else at the tested versions: the lock (requirements.txt's closure, `python tools/wheelhouse.py lock`)
+# constrains every transitive package, so a new upstream release cannot change what CI or a user installs.
+pipq -c "$LOCK" -r requirements.txt
 if "$VPY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)'; then
-  pipq "megatron-core==0.19.2"
+  pipq -c "$LOCK" "megatron-core==0.19.2"
 else
   # The cp311 wheel exists and works; only its metadata claims >=3.12. Its deps are in requirements.txt.
   pipq --no-deps --ignore-requires-python "megatron-core==0.19.2"

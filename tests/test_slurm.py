@@ -171,6 +171,11 @@ def test_dry_run_prints_the_reference_hyper_parameters(script, lr2):
     assert re.search(r"parallel=reference_8gpu", out)
     for phase in ("check", "convert", "generate", "prepare", "sft", "opd", "export", "evaluate"):
         assert re.search(rf"\d\. {phase}\s", out), phase
+    # the time plan of every phase on the default GPU, and the job runs at the sbatch script's --time
+    assert "time plan on NVIDIA H100" in out
+    hours = {m[0]: float(m[1]) for m in re.findall(r"\| (\w+) \| ([\d.]+) \|", out)}
+    assert set(hours) == {"check", "convert", "generate", "prepare", "sft", "opd", "export", "evaluate"}, hours
+    assert re.search(r"at --time 24 h per job run: \d+ runs, \d+ requeues", out)
 
 
 def test_dry_run_follows_overrides():
@@ -180,3 +185,13 @@ def test_dry_run_follows_overrides():
     assert "stage 1 (sft): 235 steps, global batch 256" in r.stdout  # ceil(60000 / 256)
     assert re.findall(r"optimizer: lr ([^ ]+)", r.stdout)[1] == "2e-06"
     assert "1 node(s) x 4 processes" in r.stdout
+
+
+def test_dry_run_time_plan_follows_the_gpu_and_the_time_limit():
+    r = _run_script(QWEN, "job.gpu=h200", "job.time_limit=2-00:00:00", env_extra={"DRY_RUN": "1"}, cwd="/tmp")
+    assert r.returncode == 0, r.stderr
+    assert "time plan on NVIDIA H200" in r.stdout and re.search(r"at --time 48 h per job run: \d+ runs", r.stdout)
+    from zeda_megatron.pipeline.adapt import build_plan
+
+    plan = build_plan("qwen", "/tmp/zeda-gpu-check", ["job.gpu=b300"], dry_run=True, env={})
+    assert any(e.startswith("job.gpu=b300: unknown GPU") for e in plan["errors"]), plan["errors"]

@@ -46,6 +46,24 @@ def memory_lines(cfg, world: int, on_cpu: bool) -> list[str]:
     return ["planned memory (python -m zeda_megatron.plan):"] + ["  " + line for line in table if line.strip()]
 
 
+def time_lines(common: list[str], job: dict, env: dict, world: int, n_prompts: int, sft_steps: int,
+               opd_steps: int) -> list[str]:
+    """The time plan of the job's phases on ``job.gpu`` (python -m zeda_megatron.plan --time's table) and
+    the job runs it takes at a run's time limit: ``job.time_limit``, else the allocation's (Slurm's
+    SLURM_JOB_START_TIME/END_TIME), else the sbatch scripts' 24:00:00. Information: never fails the job."""
+    limit = job.get("time_limit")
+    if not limit and env.get("SLURM_JOB_END_TIME", "").isdigit() and env.get("SLURM_JOB_START_TIME", "").isdigit():
+        limit = (int(env["SLURM_JOB_END_TIME"]) - int(env["SLURM_JOB_START_TIME"])) / 3600
+    try:
+        from zeda_megatron.plan.time import time_plan_for
+
+        text, _ = time_plan_for(common, str(job.get("gpu") or "h100"), time_limit=limit or "24:00:00", world=world,
+                                n_prompts=n_prompts, sft_steps=sft_steps, opd_steps=opd_steps)
+    except Exception as e:  # noqa: BLE001 - the time plan is information here
+        return [f"time plan: not computed ({type(e).__name__}: {str(e)[:200]})"]
+    return ["time plan (python -m zeda_megatron.plan --time):"] + ["  " + line for line in text.splitlines() if line.strip()]
+
+
 def stage_overrides(common: list[str], stage: list[str], defaults: list[str], data: str, init: str,
                     extra: list[str]) -> list[str]:
     """A stage's overrides: the reference's defaults unless given, then the shared ones, its data and
@@ -80,6 +98,10 @@ def build_plan(family: str, run_dir: str | None, overrides: list[str], dry_run: 
     group = job["wandb_group"] or os.path.basename(run_dir)
     on_cpu = str(job["device"]) == "cpu"
     errors, notes = [], []
+    from zeda_megatron.plan.devices import GPUS
+
+    if str(job.get("gpu")).lower() not in GPUS:
+        errors.append(f"job.gpu={job.get('gpu')}: unknown GPU for the time plan; use one of {sorted(GPUS)}")
 
     # the inputs
     from zeda_megatron.spec.compose import compose
@@ -219,7 +241,9 @@ def build_plan(family: str, run_dir: str | None, overrides: list[str], dry_run: 
     check = {"name": "check", "index": 0, "title": CHECK_TITLE, "intro": [
         f"python, torch{' + CUDA, megatron-core, Transformer Engine' if not on_cpu else ', megatron-core (CPU run)'} on every node",
         f"inputs: model.hf_dir={hf_dir}, data.prompts={prompts} ({n_prompts} prompts)",
-        f"both stages' configs validated for {nodes} node(s) x {nproc} processes = {world}"]}
+        f"both stages' configs validated for {nodes} node(s) x {nproc} processes = {world}",
+        *([] if on_cpu else time_lines(common, job, env, world, n_prompts, steps1,
+                                                  int(cfgs["opd"].trainer.max_steps)))]}
     return {"family": family, "model": str(base.model.name), "run_dir": run_dir, "nodes": nodes, "nproc_per_node": nproc,
             "world": world, "wandb_group": group, "job": job, "check": check,
             "phases": [p.to_dict() for p in phases], "wanted": wanted, "errors": errors,

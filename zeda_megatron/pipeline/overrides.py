@@ -31,6 +31,8 @@ JOB_DEFAULTS = {
     "ckpt_write_gbps": 1.0,     # filesystem write speed per node, for the grace period check
     "progress_every_s": 300,    # how often the job log repeats a phase's last progress line
     "max_requeues": 50,         # stop requeueing after this many restarts
+    "gpu": "h100",              # the GPU the time plan assumes (h100 | h200 | a100)
+    "time_limit": None,         # a job run's --time for the time plan (default: the allocation's, else 24:00:00)
     "rdzv_port": None,          # default: derived from the job id
     "wandb_group": None,        # default: the run folder's name (all phases, both stages)
 }
