@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from zeda_megatron import assumptions
 from zeda_megatron.distributed import comm_device
 from zeda_megatron.training.rollout.kv_cache import SlotCache, StepInfo, cached_attention
 from zeda_megatron.training.rollout.sampling import choose_tokens, prompt_uniforms
@@ -265,6 +266,10 @@ class Engine:
             flag = packed[2 * n:]
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         host = self._to_host(packed)
+        assumed = assumptions.current()
+        if assumed is not None:  # no data (the rehearsal): no EOS, stop after the assumed number of forwards
+            more = assumed.sampler_steps is None or self.stats.forwards < assumed.sampler_steps
+            return [self.eos_id + 1] * n, [0.0] * n, more
         return host[:n].long().tolist(), host[n:2 * n].float().tolist(), bool(host[2 * n] > 0)
 
     # -- the loop ---------------------------------------------------------------------------------
