@@ -136,9 +136,13 @@ def measure_rank(spec, rank: int = 0, *, fake: bool = True, assumption=None,
             train_step(engine, micro)
         times["step_s"] = time.time() - t1
         parts["loss_logits"] = loss["peak"]
-        parts["activations"] = step["peak"] - step["start"] - loss["peak"]
+        # activations: the most the step holds outside the loss (the backward's peak); at the loss,
+        # what was live before it plus the loss's own peak
+        parts["activations"] = step["peak"] - step["start"]
+        at_loss = loss.get("live_before", 0) - step["start"]
         host_opt = max(host_opt, optimizer_parts(engine)[1])
     return {"rank": rank, "measured_bytes": parts, "measured_peak": tracker.peak, "static_bytes": static_build,
+            "activations_at_loss": at_loss,
             "host_bytes": {"optimizer": host_opt, "tracked": tracker.host_live}, "seconds": times,
             "wall_s": time.time() - t0}
 
@@ -154,9 +158,10 @@ def _loss_phase(tracker):
 
     def measured(fn):
         def run(*args, **kwargs):
-            with tracker.phase() as p:
+            with tracker.apart(), tracker.phase() as p:
                 result = fn(*args, **kwargs)
             out["peak"] = max(out["peak"], p["peak"] - p["start"])
+            out["live_before"] = max(out.get("live_before", 0), p["start"])
             return result
         return run
 

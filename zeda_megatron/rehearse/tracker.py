@@ -113,6 +113,15 @@ class AllocationTracker(TorchDispatchMode):
             self._host_depth -= 1
 
     @contextlib.contextmanager
+    def apart(self):
+        """The phases open now do not see what happens inside (a phase measured on its own)."""
+        saved, self._phase_peaks = self._phase_peaks, []
+        try:
+            yield
+        finally:
+            self._phase_peaks = saved
+
+    @contextlib.contextmanager
     def phase(self):
         """``with tracker.phase() as p:`` - afterwards ``p["start"]`` (device bytes live at entry),
         ``p["peak"]`` (the most live inside), ``p["end"]``."""
