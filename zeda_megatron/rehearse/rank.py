@@ -92,12 +92,17 @@ def measure_rank(spec, rank: int = 0, *, fake: bool = True, assumption=None,
 
     t0 = time.time()
     assumption = assumption or assumptions.Assumption()
+    spec = spec.with_(**{"model.source": "shapes"})  # megatron-core's initialisation: no weights are read
     if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         init_fake_world(spec, rank)
         mode = FakeTensorMode(allow_non_fake_inputs=True)
     else:
+        from zeda_megatron.distributed import init_parallel
+
+        lay = spec.layout
+        init_parallel(tp=lay.tp, pp=lay.pp, ep=lay.ep, etp=lay.etp, seed=spec.seed)
         mode = contextlib.nullcontext()
     tracker = AllocationTracker()
     times = {}
@@ -107,11 +112,13 @@ def measure_rank(spec, rank: int = 0, *, fake: bool = True, assumption=None,
         stack.enter_context(mode)
         stack.enter_context(tracker)
         with tensors_as_cuda() if fake else contextlib.nullcontext(), _host_optimizer(spec, tracker):
-            engine = build_engine(spec, None if fake else spec.model.hf_dir)
+            engine = build_engine(spec, None)
         tracker.peak = tracker.live  # the build's transients (whole-tensor inits) are not the run's peak
         times["build_s"] = time.time() - t0
-        if fake:
-            _host_optimizer_step(engine, tracker, offloaded_optimizer(spec))
+        _host_optimizer_step(engine, tracker, offloaded_optimizer(spec), fake)
+        # one update on zero gradients first: the optimizer's state exists (as from the second step on)
+        engine.start_step([])
+        engine.finish_step()
         parts = {
             "student_params": storage_bytes(list(engine.student.parameters())),
             "teacher_params": storage_bytes(list(engine.teacher.parameters())),
@@ -199,15 +206,17 @@ def _host_optimizer(spec, tracker):
         mo.get_megatron_optimizer = orig
 
 
-def _host_optimizer_step(engine, tracker, offload: bool) -> None:
-    """The CPU-offload optimizer's step runs on the host (its copies are host memory); its tensors
-    report CUDA while megatron-core steps (:func:`.fake.tensors_as_cuda`)."""
+def _host_optimizer_step(engine, tracker, offload: bool, fake: bool) -> None:
+    """The optimizer step is measured apart from the step's activations; the CPU-offload optimizer's
+    step runs on the host (its copies are host memory); on fake tensors they report CUDA while
+    megatron-core steps (:func:`.fake.tensors_as_cuda`)."""
     from zeda_megatron.rehearse.fake import tensors_as_cuda
 
     finish = engine.finish_step
 
     def finish_step():
-        with tensors_as_cuda(), (tracker.host() if offload else contextlib.nullcontext()):
+        with tensors_as_cuda() if fake else contextlib.nullcontext(), tracker.apart(), \
+                (tracker.host() if offload else contextlib.nullcontext()):
             return finish()
 
     engine.finish_step = finish_step
@@ -221,7 +230,8 @@ def _rollout(engine, spec, tracker, decode_steps: int, fake: bool, assumption) -
     st, tr = spec.stage, spec.trainer
     slots = decode_batch(spec)
     prompt = tr.seq_length - st.max_new_tokens
-    token_budget = 8192
+    from zeda_megatron.plan.memory import TOKEN_BUDGET as token_budget
+
     prefill_steps = math.ceil(slots * prompt / token_budget)
     steps = prefill_steps + decode_steps
     prompts = [[[1] * prompt for _ in range(slots)]]

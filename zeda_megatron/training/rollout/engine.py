@@ -16,6 +16,8 @@ step's layout is the same), and the last stage broadcasts its sampled tokens to 
 
 from __future__ import annotations
 
+from zeda_megatron.plan.memory import TOKEN_BUDGET
+
 import time
 from dataclasses import dataclass, field
 
@@ -181,7 +183,7 @@ class Engine:
 
     def __init__(self, gpt, *, n_slots: int, length: int, eos_id: int, pad_id: int, temperature: float,
                  top_p: float, seed: int, routers: list, cached: bool = True, mla_cache: str = "latent",
-                 refill: bool = True, token_budget: int = 8192):
+                 refill: bool = True, token_budget: int = TOKEN_BUDGET):
         self.gpt, self.n_slots, self.length = gpt, n_slots, length
         self.eos_id, self.pad_id = eos_id, pad_id
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
