@@ -76,7 +76,9 @@ def test_a_layout_that_does_not_fit_is_reported_by_plan_and_rehearsal():
 
 
 # ---- (c) a layout the model cannot run: refused before anything is built, naming the setting -------------
-def test_a_layout_the_model_cannot_run_is_refused_by_plan_rehearsal_and_trainer():
+def test_a_layout_the_model_cannot_run_is_refused_by_plan_rehearsal_and_trainer(tmp_path):
+    from omegaconf import OmegaConf
+
     from zeda_megatron.spec import ConfigError, compose
     from zeda_megatron.training.validate import validate_config
 
@@ -86,8 +88,10 @@ def test_a_layout_the_model_cannot_run_is_refused_by_plan_rehearsal_and_trainer(
     plan = subprocess.run([sys.executable, "-m", "zeda_megatron.plan", *bad], capture_output=True, text=True,
                           env=ENV, cwd=ROOT, timeout=300)
     assert plan.returncode == 2 and "parallel.tp=8" in plan.stderr
+    hf = OmegaConf.to_container(compose(list(bad), run_dir=".").model.hf_config, resolve=True)
+    (tmp_path / "config.json").write_text(json.dumps(hf))  # the trainer's check comes before any weight is read
     with pytest.raises(ConfigError, match="parallel.tp=8"):
-        validate_config(compose([*bad, "model.hf_dir=/nonexistent", "trainer.save_dir=/tmp/x"], run_dir="."), 8)
+        validate_config(compose([*bad, f"model.hf_dir={tmp_path}", "trainer.save_dir=/tmp/x"], run_dir="."), 8)
     out, _ = run_cli("model=glm47_flash", *REFERENCE, "stage=sft", "parallel.ep=7", timeout=300)
     assert out.returncode == 2 and "parallel.ep=7" in out.stderr
 
