@@ -22,21 +22,26 @@ What each part counts, per GPU (the worst pipeline stage), in megatron-core 0.19
   partition + the reduce bucket (ZeRO-2/3); ZeRO-3 partitions the parameters too (+ the largest layer
   gathered). ``engine.offload_optimizer`` / ``engine.offload_param`` move them to host memory
   (reported as host bytes).
-* **activations**: what the backward keeps for the micro-batches in flight (1F1B: up to PP of them on
-  the first stage) at ``trainer.micro_batch_size x trainer.seq_length`` tokens, bf16. Full recompute
-  (``trainer.recompute=full``) keeps only each layer's input plus one layer's working set. Routed rows
-  assume every top-k slot is real (no null share; EP load imbalance is not modelled: the reserve covers
-  some of it). The teacher's forward adds one layer's working set (no grad).
+* **activations**: the most the training step holds for the backward at ``trainer.micro_batch_size x
+  trainer.seq_length`` tokens, bf16, for the micro-batches in flight (1F1B: up to PP of them on the first
+  stage). Full recompute (``trainer.recompute=full``) keeps each layer's input plus one layer's
+  recomputed backward: ``RECOMPUTE_ROUTED`` / ``RECOMPUTE_REST`` times its routed rows' / other
+  activations (measured by the fake-tensor rehearsal, docs/rehearsal.md). Routed rows assume every
+  top-k slot is real (no null share; EP load imbalance is not modelled: the reserve covers some of it).
+  The peak at the loss (what the forward kept, the gathered final hidden states and the loss) is
+  compared apart.
 * **rollout KV cache** (stage 2): zeda_megatron.training.rollout's per-slot cache, one slot of
   ``trainer.seq_length`` positions per sequence in flight (plus a scratch slot) on every layer of the
   stage: GQA caches K and V of this TP rank's KV heads (Qwen3: 4 heads x 128 x 2 x 2 B before TP); MLA
   caches the compressed latent and the rope key, ``(kv_lora_rank + qk_rope_head_dim) x 2 B`` per token
   and layer on every TP rank (GLM: 576 x 2 B; the full K/V would be 20 x (256 + 256) x 2 B / TP); plus
-  the slot's uniforms and sampling logits. The decode batch (``stage.decode_batch``; auto: the largest
-  that fits, at most the step's sequences per DP rank) sets the number of slots. It is freed before
-  the training step: the peak is the larger of the rollout and the training phase.
-* **loss logits**: the fused chunked KL (zeda_megatron.linear_kl): about six fp32 ``[chunk, V/TP]``
-  temporaries plus the fp32 output-layer weight gradient accumulator.
+  the slot's uniforms and sampling logits, plus one sampler step's working set (``TOKEN_BUDGET`` tokens,
+  :func:`prefill_bytes`). The decode batch (``stage.decode_batch``; auto: the largest that fits, at most
+  the step's sequences per DP rank) sets the number of slots. It is freed before the training step: the
+  peak is the larger of the rollout and the training phase.
+* **loss logits**: the fused chunked KL (zeda_megatron.linear_kl): the fp32 gradients of the gathered
+  hidden states ``[tokens, h]`` and of the output weight ``[V/TP, h]``, plus the larger of about six fp32
+  ``[chunk, V/TP]`` temporaries and those gradients' copies in the param dtype.
 * **reserve**: CUDA context, NCCL buffers, allocator fragmentation: 4 GiB + 5% of the GPU.
 """
 
