@@ -86,10 +86,11 @@ def measure_in_process(spec, rank: int, **kwargs) -> dict:
 
 
 def rehearse(spec, ranks: list[int] | None = None, *, null_share: float = 0.0,
-             decode_steps: int = DECODE_STEPS) -> dict:
+             decode_steps: int = DECODE_STEPS, sampler_steps: int | None = None) -> dict:
     """Rehearse ``spec`` (a shapes-only RunSpec of the GPU run) on its rank roles (or ``ranks``), each in
     its own process. ``null_share``: the assumed share of routed slots on null experts (0: the worst
-    case; ``spec.model.null.target_share``: the configured target). Returns ``{"ranks": [...], "fits",
+    case; ``spec.model.null.target_share``: the configured target). ``sampler_steps``: stage 2's sampler
+    stops after that many forwards (default: every slot's prefill, then ``decode_steps``). Returns ``{"ranks": [...], "fits",
     "within_bounds", "failures": ["rank R: part ..."], "wall_s", "plan_fits"}``."""
     from zeda_megatron.assumptions import Assumption
     from zeda_megatron.plan.fixes import plan_with_fixes
@@ -100,7 +101,7 @@ def rehearse(spec, ranks: list[int] | None = None, *, null_share: float = 0.0,
     rows, failures = [], []
     for rank in ranks if ranks is not None else rank_roles(spec):
         measured = measure_in_process(spec, rank, assumption=Assumption(null_share=null_share),
-                                      decode_steps=decode_steps)
+                                      decode_steps=decode_steps, sampler_steps=sampler_steps)
         if "error" in measured:
             rows.append(measured)
             failures.append(f"rank {rank}: failed: {measured['error']}")

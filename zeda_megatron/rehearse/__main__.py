@@ -1,5 +1,5 @@
 """``python -m zeda_megatron.rehearse <the train command's overrides> [null_share=target|0.5] [ranks=0,4]
-[decode_steps=4] [gpu_gb=80]``
+[decode_steps=4] [sampler_steps=N] [gpu_gb=80]``
 
 Rehearses the GPU run the overrides describe on this CPU machine (docs/rehearsal.md): each rank role
 of the layout (first / last pipeline stage, the heaviest stage; ``ranks=`` to choose) in a process
@@ -9,7 +9,8 @@ zeda_megatron.plan``, same overrides), then one JSON line ``{"ranks": [{"rank", 
 "measured_bytes", "planned_peak", "measured_peak", ...}], "fits", "wall_s", ...}``.
 
 ``null_share``: the share of routed slots assumed on null experts (default 0: the worst case, every
-slot real; ``target``: the configured equilibrium share). Exit status 0 when every rank fits, 1 when a
+slot real; ``target``: the configured equilibrium share). ``sampler_steps``: stage 2's sampler stops
+after that many forwards (default: every slot's prefill, then ``decode_steps`` decode steps). Exit status 0 when every rank fits, 1 when a
 rank does not fit or fails (the line names the rank and the part), 2 on a config error.
 """
 
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     from zeda_megatron.rehearse.rank import DECODE_STEPS
     from zeda_megatron.spec import ConfigError, compose_command, resolve
 
-    options = {"null_share": str, "ranks": str, "decode_steps": int, "gpu_gb": float}
+    options = {"null_share": str, "ranks": str, "decode_steps": int, "sampler_steps": int, "gpu_gb": float}
     try:
         parsed = compose_command(argv, options, __doc__)
         if parsed is None:
@@ -69,7 +70,8 @@ def main(argv=None) -> int:
     except (ConfigError, PlanError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report = rehearse(spec, ranks, null_share=null_share, decode_steps=opts["decode_steps"] or DECODE_STEPS)
+    report = rehearse(spec, ranks, null_share=null_share, decode_steps=opts["decode_steps"] or DECODE_STEPS,
+                      sampler_steps=opts["sampler_steps"])
     print(f"rehearsal: {spec.model.name} stage={spec.stage.name} world={spec.layout.world} tp={spec.layout.tp} "
           f"pp={spec.layout.pp} ep={spec.layout.ep} (null share assumed {null_share:.2f})")
     for row in report["ranks"]:

@@ -10,8 +10,8 @@ initialisation, no weights read), then runs what one training step of the stage 
 * stage 2: the training state offloaded as configured (``engine.offloaded_for_sampling``), the
   project's sampler (:func:`zeda_megatron.training.rollout.sample`) in ``decode_batch`` slots on
   prompts of ``seq_length - max_new_tokens`` tokens, its KV cache sized for the whole length, the
-  prefill of every slot and ``decode_steps`` decode steps; the state restored; then the training
-  step on full-length sequences.
+  prefill of every slot and ``decode_steps`` decode steps (or ``sampler_steps`` forwards in all); the
+  state restored; then the training step on full-length sequences.
 
 With ``fake=True`` (the rehearsal) the process is a rank of a fake world and every tensor is a
 ``FakeTensor`` on the CPU; ``fake=False`` runs the same code on real tensors (a small model in a
@@ -84,7 +84,7 @@ def grad_buffer_bytes(ddp) -> int:
 
 
 def measure_rank(spec, rank: int = 0, *, fake: bool = True, assumption=None,
-                 decode_steps: int = DECODE_STEPS) -> dict:
+                 decode_steps: int = DECODE_STEPS, sampler_steps: int | None = None) -> dict:
     """Measured bytes of rank ``rank`` (see the module doc): {"rank", "measured_bytes": {part: bytes},
     "measured_peak", "host_bytes", "seconds": {...}}."""
     from zeda_megatron.rehearse.fake import init_fake_world, install_fake_collectives, tensors_as_cuda
@@ -130,7 +130,8 @@ def measure_rank(spec, rank: int = 0, *, fake: bool = True, assumption=None,
         vocab = spec.model.hf_config["vocab_size"]
         if spec.stage.needs_sampling:
             t1 = time.time()
-            parts["rollout_kv_cache"] = _rollout(engine, spec, tracker, decode_steps, fake, assumption)
+            parts["rollout_kv_cache"] = _rollout(engine, spec, tracker, decode_steps, fake, assumption,
+                                                   sampler_steps)
             times["rollout_s"] = time.time() - t1
         t1 = time.time()
         from megatron.core import parallel_state as ps
@@ -222,7 +223,7 @@ def _host_optimizer_step(engine, tracker, offload: bool, fake: bool) -> None:
     engine.finish_step = finish_step
 
 
-def _rollout(engine, spec, tracker, decode_steps: int, fake: bool, assumption) -> int:
+def _rollout(engine, spec, tracker, decode_steps: int, fake: bool, assumption, sampler_steps=None) -> int:
     """Stage 2's sampling phase; returns the bytes it adds on top of the (offloaded) training state."""
     from zeda_megatron.plan.memory import decode_batch
     from zeda_megatron.training.rollout import sample
@@ -233,7 +234,9 @@ def _rollout(engine, spec, tracker, decode_steps: int, fake: bool, assumption) -
     from zeda_megatron.plan.memory import TOKEN_BUDGET as token_budget
 
     prefill_steps = math.ceil(slots * prompt / token_budget)
-    steps = prefill_steps + decode_steps
+    # sampler_steps: stop sooner (the whole cache is allocated at the first step, whose prompt chunks fill
+    # the token budget; the second adds the first decode tokens and their sampling)
+    steps = sampler_steps or prefill_steps + decode_steps
     prompts = [[[1] * prompt for _ in range(slots)]]
     with engine.offloaded_for_sampling(enabled=st.offload_while_sampling):
         with tracker.phase() as p, assumptions.assuming(
