@@ -119,6 +119,15 @@ def test_tiny_rehearsal_equals_a_real_run():
     print(f"\ntiny: fake {fake['measured_bytes']} real {real['measured_bytes']}")
     assert abs(a_fake / a_real - 1) <= 0.10, (a_fake, a_real)
     assert fake["static_bytes"] == real["static_bytes"]
+    # ... and those are the plan's (fp32 weights: Adam's two moments, no master copy; the optimizer's scalar
+    # step counters on top)
+    from zeda_megatron.plan.memory import memory_plan
+
+    planned = memory_plan(spec)["per_gpu_bytes"]
+    for part in ("student_params", "teacher_params", "student_grads"):
+        assert real["measured_bytes"][part] == planned[part], part
+    assert 0 <= real["measured_bytes"]["optimizer_states"] - planned["optimizer_states"] < 0.01 * planned[
+        "optimizer_states"]
 
 
 def test_assumed_dispatch_splits_spread_rows_evenly():

@@ -57,10 +57,11 @@ def optimizer_parts(engine) -> tuple[int, int]:
             host_opts.append(inner)  # its own maps (pinned gradient copies)
         elif inner is not None:
             dev_opts.append(opt)
-    return _optimizer_tensor_bytes(dev_opts), _optimizer_tensor_bytes(host_opts)
+    model = list(engine.student.parameters())  # an fp32 optimizer steps the model's own weights
+    return _optimizer_tensor_bytes(dev_opts, model), _optimizer_tensor_bytes(host_opts, model)
 
 
-def _optimizer_tensor_bytes(opts) -> int:
+def _optimizer_tensor_bytes(opts, model) -> int:
     tensors = []
     for o in opts:
         while not isinstance(o, torch.optim.Optimizer) and hasattr(o, "optimizer"):
@@ -75,7 +76,7 @@ def _optimizer_tensor_bytes(opts) -> int:
                 tensors += list(group)
         for name in ("cpu_copy_map_grad",):
             tensors += list((getattr(o, name, None) or {}).values())
-    return storage_bytes(tensors)
+    return storage_bytes(tensors, exclude=model)
 
 
 def grad_buffer_bytes(ddp) -> int:

@@ -135,19 +135,25 @@ class AllocationTracker(TorchDispatchMode):
             result["peak"], result["end"] = rec[0], self.live
 
 
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
-    seen, total = set(), 0
+def storage_bytes(tensors, exclude=()) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once), leaving out
+    the storages of ``exclude``."""
+    seen, total = {_key(t) for t in exclude if isinstance(t, torch.Tensor)}, 0
     for t in tensors:
         if t is None or not isinstance(t, torch.Tensor):
             continue
         st = t.untyped_storage()
-        key = (st.data_ptr(), st.nbytes()) if not _is_fake(t) else id(st)
+        key = _key(t)
         if key in seen:
             continue
         seen.add(key)
         total += st.nbytes()
     return total
+
+
+def _key(t):
+    st = t.untyped_storage()
+    return id(st) if _is_fake(t) else (st.data_ptr(), st.nbytes())
 
 
 def _is_fake(t) -> bool:
