@@ -96,8 +96,8 @@ def test_a_layout_the_model_cannot_run_is_refused_by_plan_rehearsal_and_trainer(
     (tmp_path / "config.json").write_text(json.dumps(hf))  # the trainer's check comes before any weight is read
     with pytest.raises(ConfigError, match="parallel.tp=8"):
         validate_config(compose([*bad, f"model.hf_dir={tmp_path}", "trainer.save_dir=/tmp/x"], run_dir="."), 8)
-    out, _ = run_cli("model=glm47_flash", *REFERENCE, "stage=sft", "parallel.ep=7", timeout=300)
-    assert out.returncode == 2 and "parallel.ep=7" in out.stderr
+    out, _ = run_cli("model=glm47_flash", *REFERENCE, "stage=sft", "parallel.ep=3", "parallel.gpus=12", timeout=300)
+    assert out.returncode == 2 and "parallel.ep=3 does not divide the number of experts E=64" in out.stderr
 
 
 # ---- (d) at a tiny size the rehearsal measures what a real run allocates ---------------------------------
