@@ -88,7 +88,7 @@ def measure_rank(spec, rank: int = 0, *, fake: bool = True, assumption=None,
                  decode_steps: int = DECODE_STEPS, sampler_steps: int | None = None) -> dict:
     """Measured bytes of rank ``rank`` (see the module doc): {"rank", "measured_bytes": {part: bytes},
     "measured_peak", "host_bytes", "seconds": {...}}."""
-    from zeda_megatron.rehearse.fake import init_fake_world, install_fake_collectives, tensors_as_cuda
+    from zeda_megatron.rehearse.fake import init_fake_world, tensors_as_cuda
     from zeda_megatron.training.engine import build_engine
 
     t0 = time.time()
@@ -240,8 +240,8 @@ def _rollout(engine, spec, tracker, decode_steps: int, fake: bool, assumption, s
     steps = sampler_steps or prefill_steps + decode_steps
     prompts = [[[1] * prompt for _ in range(slots)]]
     with engine.offloaded_for_sampling(enabled=st.offload_while_sampling):
-        with tracker.phase() as p, assumptions.assuming(
-                assumptions.Assumption(null_share=assumption.null_share, sampler_steps=steps)):
+        stop = assumptions.Assumption(null_share=assumption.null_share, sampler_steps=steps)
+        with tracker.phase() as p, assumptions.assuming(stop) if fake else contextlib.nullcontext():
             sample(engine.student, prompts, max_new_tokens=st.max_new_tokens, temperature=st.temperature,
                    top_p=st.top_p, slots=slots, eos_id=0, pad_id=0, seed=spec.seed, record_routing=False,
                    token_budget=token_budget, on_finished=lambda seqs: None)
