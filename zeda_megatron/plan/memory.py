@@ -161,8 +161,9 @@ def inference_decode_batch(s: Shapes, *, tp: int, pp: int, ep: int, etp: int, se
     return max(0, int((gpu_bytes - weights - reserve) // per_slot) - 1)  # - 1: the scratch slot
 
 
-def memory_plan(spec: RunSpec) -> dict:
-    """The plan as a dict (see the module docstring): per-GPU bytes by part for the worst pipeline stage,
+def memory_plan(spec: RunSpec, pipeline_stage: int | None = None) -> dict:
+    """The plan as a dict (see the module docstring): per-GPU bytes by part for the worst pipeline stage
+    (or ``pipeline_stage``),
     the peak, whether it fits ``spec.layout.gpu_memory_bytes``, host bytes, and the settings used."""
     lay, tr, opt_s, eng, stage = spec.layout, spec.trainer, spec.optim, spec.engine, spec.stage
     hf = spec.model.hf_config
@@ -172,7 +173,8 @@ def memory_plan(spec: RunSpec) -> dict:
     sizes = dict(tp=lay.tp, pp=lay.pp, ep=lay.ep, etp=lay.etp)
     student = stage_params(s, z, **sizes)
     teacher = stage_params(s, 0, **sizes)
-    worst = max(range(lay.pp), key=lambda i: student[i]["dense"] + student[i]["expert"] + (lay.pp - i))
+    worst = max(range(lay.pp), key=lambda i: student[i]["dense"] + student[i]["expert"] + (lay.pp - i)) \
+        if pipeline_stage is None else pipeline_stage
     sp_, tp_ = student[worst], teacher[worst]
     n_student = sp_["dense"] + sp_["expert"]
     pb = tr.param_bytes
@@ -218,6 +220,8 @@ def memory_plan(spec: RunSpec) -> dict:
         parts["loss_logits"] = grads * 4 + max(LOSS_TEMPORARIES * min(chunk, t) * v_local * 4, grads * pb)
     else:  # materialised: student logits (params dtype) + fp32 copies of both, log-softmax, their gradient
         parts["loss_logits"] = t * v_local * (pb + UNFUSED_LOSS_FP32_TENSORS * 4)
+    if pipeline_stage is not None and pipeline_stage != lay.pp - 1:
+        parts["loss_logits"] = 0  # (a stage asked for by name: only the last one computes the loss)
     # at the loss: what the forward kept plus the gathered final hidden states (the teacher's too)
     kept_at_loss += t * s.hidden * pb * (2 if (stage.kl_weight > 0) else 1)
     # stage-2 rollout KV cache (freed before the training step): one slot per sequence in flight + a scratch slot

@@ -95,9 +95,12 @@ def rehearse(spec, ranks: list[int] | None = None, *, null_share: float = 0.0,
     from zeda_megatron.assumptions import Assumption
     from zeda_megatron.plan.fixes import plan_with_fixes
 
+    from zeda_megatron.plan.memory import memory_plan
+
     t0 = time.time()
     plan = plan_with_fixes(spec)
     gpu = spec.layout.gpu_memory_bytes
+    per_stage = spec.layout.world // spec.layout.pp
     rows, failures = [], []
     for rank in ranks if ranks is not None else rank_roles(spec):
         measured = measure_in_process(spec, rank, assumption=Assumption(null_share=null_share),
@@ -106,7 +109,7 @@ def rehearse(spec, ranks: list[int] | None = None, *, null_share: float = 0.0,
             rows.append(measured)
             failures.append(f"rank {rank}: failed: {measured['error']}")
             continue
-        row = compare(plan, measured, gpu)
+        row = compare(memory_plan(spec, pipeline_stage=rank // per_stage), measured, gpu)  # this rank's stage
         rows.append(row)
         if row["fits"] is False:
             worst = max(PARTS, key=lambda k: row["measured_bytes"][k])
