@@ -139,3 +139,17 @@ def test_assumed_dispatch_splits_spread_rows_evenly():
     with assuming(Assumption(null_share=0.25)) as a:
         assert current() is a
     assert current() is None  # the normal path reads the tensors
+
+
+def test_pipeline_stages_are_rehearsed_as_rank_roles_of_their_own():
+    from zeda_megatron.rehearse import rank_roles, rehearse
+
+    spec = spec_of("model=tiny_qwen3", "parallel=pp2", "stage=sft")
+    assert rank_roles(spec) == [0, 1]  # the first and the last pipeline stage
+    report = rehearse(spec)
+    assert [r["rank"] for r in report["ranks"]] == [0, 1] and not report["failures"]
+    first, last = report["ranks"]
+    assert first["measured_bytes"]["loss_logits"] == 0 < last["measured_bytes"]["loss_logits"]
+    for row in report["ranks"]:  # each compared with its own stage's plan
+        for part in ("student_params", "teacher_params", "student_grads", "optimizer_states"):
+            assert abs(row["measured_bytes"][part] / row["planned_bytes"][part] - 1) < 0.01, (row["rank"], part)
