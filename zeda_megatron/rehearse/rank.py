@@ -45,38 +45,36 @@ def synthetic_microbatches(spec, n: int, vocab: int) -> list[dict]:
     return out
 
 
-def optimizer_parts(engine) -> tuple[int, int]:
-    """(device bytes, host bytes) of the optimizer's state and fp32 master copies: megatron-core's
-    CPU-offload optimizer keeps its sub-optimizers' parameters, states and gradient copies on the host."""
-    host_opts, dev_opts = [], []
+def optimizer_parts(engine, offloaded: bool) -> tuple[int, int]:
+    """(device bytes, host bytes) of the optimizer: Adam's moments, fp32 master copies and the fp32
+    gradients of those copies, apart from the model's weights and the DDP grad buffer. With the optimizer
+    offloaded whole (megatron-core's CPU offload at fraction 1) all of it is host memory."""
+    opts = []
     for opt in getattr(engine.optimizer, "chained_optimizers", None) or [engine.optimizer]:
         inner = getattr(opt, "optimizer", None)
-        if inner is not None and hasattr(inner, "cpu_optimizers"):
-            host_opts += list(inner.cpu_optimizers)
-            dev_opts += list(getattr(inner, "gpu_optimizers", []))
-            host_opts.append(inner)  # its own maps (pinned gradient copies)
-        elif inner is not None:
-            dev_opts.append(opt)
-    model = list(engine.student.parameters())  # an fp32 optimizer steps the model's own weights
-    return _optimizer_tensor_bytes(dev_opts, model), _optimizer_tensor_bytes(host_opts, model)
+        opts.append(opt)
+        if inner is not None:  # megatron's wrapper -> the torch optimizer (or the CPU-offload one's parts)
+            opts += [inner, *getattr(inner, "cpu_optimizers", []), getattr(inner, "gpu_optimizer", None)]
+    exclude = list(engine.student.parameters())  # an fp32 optimizer steps the model's own weights
+    ddp = engine.ddp
+    exclude += [b.grad_data for b in list(getattr(ddp, "buffers", [])) + list(getattr(ddp, "expert_parallel_buffers", []))]
+    total = _optimizer_tensor_bytes([o for o in opts if o is not None], exclude)
+    return (0, total) if offloaded else (total, 0)
 
 
-def _optimizer_tensor_bytes(opts, model) -> int:
+def _optimizer_tensor_bytes(opts, exclude) -> int:
     tensors = []
     for o in opts:
-        while not isinstance(o, torch.optim.Optimizer) and hasattr(o, "optimizer"):
-            o = o.optimizer
         if isinstance(o, torch.optim.Optimizer):
             for st in o.state.values():
                 tensors += [v for v in st.values() if torch.is_tensor(v)]
             for g in o.param_groups:
-                tensors += [p for p in g["params"]]
+                tensors += [t for p in g["params"] for t in (p, p.grad)]
         for name in ("shard_fp32_from_float16_groups", "shard_fp32_groups"):
             for group in getattr(o, name, None) or []:
                 tensors += list(group)
-        for name in ("cpu_copy_map_grad",):
-            tensors += list((getattr(o, name, None) or {}).values())
-    return storage_bytes(tensors, exclude=model)
+        tensors += list((getattr(o, "cpu_copy_map_grad", None) or {}).values())
+    return storage_bytes(tensors, exclude=exclude)
 
 
 def grad_buffer_bytes(ddp) -> int:
@@ -125,7 +123,7 @@ def measure_rank(spec, rank: int = 0, *, fake: bool = True, assumption=None,
             "teacher_params": storage_bytes(list(engine.teacher.parameters())),
             "student_grads": grad_buffer_bytes(engine.ddp),
         }
-        dev_opt, host_opt = optimizer_parts(engine)
+        dev_opt, host_opt = optimizer_parts(engine, offloaded_optimizer(spec))
         parts["optimizer_states"] = dev_opt
         static_build = tracker.live
         vocab = spec.model.hf_config["vocab_size"]
@@ -149,7 +147,7 @@ def measure_rank(spec, rank: int = 0, *, fake: bool = True, assumption=None,
         # what was live before it plus the loss's own peak
         parts["activations"] = step["peak"] - step["start"]
         at_loss = loss.get("live_before", 0) - step["start"]
-        host_opt = max(host_opt, optimizer_parts(engine)[1])
+        host_opt = optimizer_parts(engine, offloaded_optimizer(spec))[1]  # (its gradient copies exist now)
     return {"rank": rank, "measured_bytes": parts, "measured_peak": tracker.peak, "static_bytes": static_build,
             "activations_at_loss": at_loss,
             "host_bytes": {"optimizer": host_opt, "tracked": tracker.host_live}, "seconds": times,
