@@ -106,7 +106,8 @@ def test_reference_presets_fit_80gb(model, stage):
     # full-vocabulary logits of the reference's tokens per micro-batch do not fit either: the fused KL does
     unfused = plan_of(f"model={model}", "parallel=reference_8gpu", f"stage={stage}", "stage.fused_loss=false")
     assert unfused["fits"] is False and unfused["fixes"] == ["stage.fused_loss=true"]
-    assert unfused["per_gpu_bytes"]["loss_logits"] > 50 * parts["loss_logits"]
+    # (the fused row counts the fp32 gradients of the gathered hidden states and the output weight too)
+    assert unfused["per_gpu_bytes"]["loss_logits"] > 25 * parts["loss_logits"]
     # while sampling, grads and optimizer states are offloaded: a whole step's share of sequences per DP rank
     # (32 / DP 2) decodes together, and more would fit
     if stage == "opd":

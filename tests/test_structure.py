@@ -108,7 +108,8 @@ def test_no_test_helpers_in_the_package():
 # layers, lowest first (a package's layer covers its submodules; a module is placed by its longest
 # listed prefix; the root package's __init__ is listed on its own):
 #   0  the ZEDA idea and process basics, no package imports above them: routing, losses, linear_kl (the
-#      fused output-layer KL), layout (layout rules), platform (the CPU patches), quiet (warning filters)
+#      fused output-layer KL), assumptions (data-dependent values without data), layout (layout rules),
+#      platform (the CPU patches), quiet (warning filters)
 #   1  megatron-core glue: mcore (the null-expert layer), distributed (process groups)
 #   2  bridge: HF <-> megatron-core checkpoints, DeepSpeed student weights
 #   3  spec: the config resolved and checked into a RunSpec
@@ -119,7 +120,7 @@ def test_no_test_helpers_in_the_package():
 #   7  entry modules (python -m zeda_megatron.<name>)
 LAYERS = {
     "zeda_megatron": 0,
-    **dict.fromkeys(("routing", "losses", "linear_kl", "layout", "platform", "quiet"), 0),
+    **dict.fromkeys(("routing", "losses", "linear_kl", "assumptions", "layout", "platform", "quiet"), 0),
     **dict.fromkeys(("mcore", "distributed"), 1),
     "bridge": 2,
     "spec": 3,

@@ -22,12 +22,13 @@ def free_port() -> int:
 
 
 def init_parallel(
-    tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234
+    tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234, gloo: bool = True
 ) -> None:
     """Initialise torch.distributed and megatron-core's model-parallel groups (idempotent).
 
     Raises a ValueError naming the sizes when tp*pp does not divide the world size or ep does not
-    divide the data-parallel-with-experts size, before any group is created.
+    divide the data-parallel-with-experts size, before any group is created. ``gloo=False``: no gloo
+    side groups (the rehearsal's fake process group cannot back them).
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -52,9 +53,20 @@ def init_parallel(
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
+        create_gloo_process_groups=gloo,
     )
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
+
+
+def gloo_groups() -> bool:
+    """megatron-core's gloo side groups exist (not in the rehearsal: :func:`init_parallel` ``gloo=False``)."""
+    from megatron.core import parallel_state
+
+    try:
+        return parallel_state.get_data_parallel_group_gloo(with_context_parallel=True) is not None
+    except AssertionError:
+        return False
 
 
 def comm_device() -> torch.device:

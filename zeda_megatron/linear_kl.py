@@ -51,6 +51,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from zeda_megatron import assumptions
+
 # Elements per [chunk, V/TP] fp32 temporary when no chunk size is given (32 MiB each; a chunk
 # holds about six of them).
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
@@ -351,7 +353,7 @@ def fused_linear_losses(
 
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     active = None
-    if skip_zero_weight and token_weights is not None:
+    if skip_zero_weight and token_weights is not None and assumptions.current() is None:  # (rehearsal: all tokens)
         nz = (w != 0).nonzero().squeeze(1)
         if nz.numel() < n:
             active = nz

@@ -177,10 +177,19 @@ def install_cpu_rng_tracker() -> None:
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+def _in_dtype(module, dtype):
+    for param in module.parameters():
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return module
+
+
 def _install_sequence_parallel_torch_norm() -> None:
     """WrappedTorchNorm under sequence parallelism: build it with SP off, then mark its parameters
     ``sequence_parallel = True`` so finalize_model_grads sums their gradients over TP (each TP rank
-    normalised only its s/TP tokens), exactly what Transformer Engine's norms declare."""
+    normalised only its s/TP tokens), exactly what Transformer Engine's norms declare. Its weights take
+    the model's parameter dtype, as TE's norms do (torch's norms are built in fp32 whatever
+    ``params_dtype`` says; an fp32 weight in a bf16 model breaks the distributed optimizer)."""
     from megatron.core.transformer import torch_norm
 
     cls = torch_norm.WrappedTorchNorm
@@ -190,10 +199,10 @@ def _install_sequence_parallel_torch_norm() -> None:
 
     def __new__(cls_, config, hidden_size, eps=1e-5, **kwargs):
         if not config.sequence_parallel:
-            return orig(cls_, config, hidden_size, eps, **kwargs)
+            return _in_dtype(orig(cls_, config, hidden_size, eps, **kwargs), config.params_dtype)
         local = copy.copy(config)  # shallow: no __post_init__ re-validation
         local.sequence_parallel = False
-        norm = orig(cls_, local, hidden_size, eps, **kwargs)
+        norm = _in_dtype(orig(cls_, local, hidden_size, eps, **kwargs), config.params_dtype)
         for param in norm.parameters():
             param.sequence_parallel = True
         return norm

@@ -66,6 +66,7 @@ def build_model(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
         pipeline_dtype=params_dtype if pp > 1 else None,
         sequence_parallel=False,
     )

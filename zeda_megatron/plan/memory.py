@@ -22,21 +22,26 @@ What each part counts, per GPU (the worst pipeline stage), in megatron-core 0.19
   partition + the reduce bucket (ZeRO-2/3); ZeRO-3 partitions the parameters too (+ the largest layer
   gathered). ``engine.offload_optimizer`` / ``engine.offload_param`` move them to host memory
   (reported as host bytes).
-* **activations**: what the backward keeps for the micro-batches in flight (1F1B: up to PP of them on
-  the first stage) at ``trainer.micro_batch_size x trainer.seq_length`` tokens, bf16. Full recompute
-  (``trainer.recompute=full``) keeps only each layer's input plus one layer's working set. Routed rows
-  assume every top-k slot is real (no null share; EP load imbalance is not modelled: the reserve covers
-  some of it). The teacher's forward adds one layer's working set (no grad).
+* **activations**: the most the training step holds for the backward at ``trainer.micro_batch_size x
+  trainer.seq_length`` tokens, bf16, for the micro-batches in flight (1F1B: up to PP of them on the first
+  stage). Full recompute (``trainer.recompute=full``) keeps each layer's input plus one layer's
+  recomputed backward: ``RECOMPUTE_ROUTED`` / ``RECOMPUTE_REST`` times its routed rows' / other
+  activations (measured by the fake-tensor rehearsal, docs/rehearsal.md). Routed rows assume every
+  top-k slot is real (no null share; EP load imbalance is not modelled: the reserve covers some of it).
+  The peak at the loss (what the forward kept, the gathered final hidden states and the loss) is
+  compared apart.
 * **rollout KV cache** (stage 2): zeda_megatron.training.rollout's per-slot cache, one slot of
   ``trainer.seq_length`` positions per sequence in flight (plus a scratch slot) on every layer of the
   stage: GQA caches K and V of this TP rank's KV heads (Qwen3: 4 heads x 128 x 2 x 2 B before TP); MLA
   caches the compressed latent and the rope key, ``(kv_lora_rank + qk_rope_head_dim) x 2 B`` per token
   and layer on every TP rank (GLM: 576 x 2 B; the full K/V would be 20 x (256 + 256) x 2 B / TP); plus
-  the slot's uniforms and sampling logits. The decode batch (``stage.decode_batch``; auto: the largest
-  that fits, at most the step's sequences per DP rank) sets the number of slots. It is freed before
-  the training step: the peak is the larger of the rollout and the training phase.
-* **loss logits**: the fused chunked KL (zeda_megatron.linear_kl): about six fp32 ``[chunk, V/TP]``
-  temporaries plus the fp32 output-layer weight gradient accumulator.
+  the slot's uniforms and sampling logits, plus one sampler step's working set (``TOKEN_BUDGET`` tokens,
+  :func:`prefill_bytes`). The decode batch (``stage.decode_batch``; auto: the largest that fits, at most
+  the step's sequences per DP rank) sets the number of slots. It is freed before the training step: the
+  peak is the larger of the rollout and the training phase.
+* **loss logits**: the fused chunked KL (zeda_megatron.linear_kl): the fp32 gradients of the gathered
+  hidden states ``[tokens, h]`` and of the output weight ``[V/TP, h]``, plus the larger of about six fp32
+  ``[chunk, V/TP]`` temporaries and those gradients' copies in the param dtype.
 * **reserve**: CUDA context, NCCL buffers, allocator fragmentation: 4 GiB + 5% of the GPU.
 """
 
@@ -56,14 +61,27 @@ ADAM_STATE_BYTES = 8  # two fp32 moments per parameter
 FP32_MASTER_BYTES = 4  # the fp32 main copy of a bf16 parameter
 DS_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default zero_optimization.reduce_bucket_size (elements)
 SAMPLING_LOGITS_COPIES = 2  # fp32 [V] logits + probabilities per decoded sequence
+ROUTED_HIDDEN_COPIES = 6  # [rows, hidden] tensors a MoE layer's forward makes per routed row
+ROUTED_FFN_COPIES = 4  # [rows, moe_ffn] tensors (fc1's two halves, the activation, prob-weighted)
+# Under full recompute, the backward of one layer holds its recomputed forward plus the gradients being
+# formed: measured by the rehearsal (docs/rehearsal.md) at the reference layout as these multiples of
+# the layer's activations: its routed rows and the rest (attention, norms, router, shared expert).
+# The sampler feeds at most this many tokens per step (decode tokens + prompt chunks; its default:
+# zeda_megatron.training.rollout.sample). A prefill step's working set, forward only with sequence
+# parallelism off, is this share of the routed rows' tensors of TOKEN_BUDGET tokens (measured, as above).
+TOKEN_BUDGET = 8192
+PREFILL_ROUTED = 0.78
+RECOMPUTE_ROUTED = 1.36
+RECOMPUTE_REST = 0.83
 
 
 class PlanError(ValueError):
     """A layout that does not fit (or a config the plan cannot read); names the settings to change."""
 
 
-def layer_activation(s: Shapes, spec: RunSpec, moe: bool) -> int:
-    """Bytes one layer keeps for its backward at one micro-batch (no recompute), bf16."""
+def layer_activation(s: Shapes, spec: RunSpec, moe: bool, routed_only: bool = False) -> int:
+    """Bytes one layer keeps for its backward at one micro-batch (no recompute), bf16; with
+    ``routed_only`` the routed experts' rows alone."""
     lay, z = spec.layout, spec.model.null.num
     e = 2
     t = spec.trainer.micro_batch_size * spec.trainer.seq_length
@@ -77,15 +95,19 @@ def layer_activation(s: Shapes, spec: RunSpec, moe: bool) -> int:
     else:
         qkv = (s.heads + 2 * s.kv_heads) * s.head_dim
         n += tl * (3 * qkv + s.heads * s.head_dim)  # qkv out, normed/roped q,k, attn out
+    routed = 0
     if moe:
         rows = tsp * s.topk * lay.etp  # routed rows received by this rank (average; every slot real)
         width = s.moe_ffn // lay.etp
-        n += rows * (2 * s.hidden + 3 * width)  # permuted input, fc1 out, act out, fc2 out
+        # [rows, hidden]: permuted, after the all-to-all, sorted by local expert, the experts' outputs
+        # gathered, unsorted, after the return all-to-all; [rows, width]: fc1 out (2), act out, weighted
+        routed = rows * (ROUTED_HIDDEN_COPIES * s.hidden + ROUTED_FFN_COPIES * width)
+        n += routed
         n += 2 * tsp * (s.experts + z) * 2  # router logits and probabilities (fp32)
         n += tl * 3 * s.shared_ffn
     else:
         n += tl * 3 * s.dense_ffn
-    return n * e
+    return (routed if routed_only else n) * e
 
 
 def kv_bytes_per_token_layer(s: Shapes, tp: int, mla_cache: str = "latent", dtype_bytes: int = 2) -> int:
@@ -105,6 +127,14 @@ def rollout_bytes_per_sequence(s: Shapes, spec: RunSpec, layers: int) -> int:
     seq = spec.trainer.seq_length
     cache = seq * layers * kv_bytes_per_token_layer(s, spec.layout.tp, dtype_bytes=spec.trainer.param_bytes)
     return cache + seq * 4 + s.vocab * 4 * SAMPLING_LOGITS_COPIES
+
+
+def prefill_bytes(s: Shapes, spec: RunSpec) -> int:
+    """The working set of one sampler step of TOKEN_BUDGET tokens (forward only, sequence parallelism off:
+    every TP rank routes all of them): PREFILL_ROUTED of its routed rows' tensors."""
+    lay = spec.layout
+    rows = TOKEN_BUDGET * s.topk * lay.etp
+    return int(PREFILL_ROUTED * rows * (ROUTED_HIDDEN_COPIES * s.hidden + ROUTED_FFN_COPIES * s.moe_ffn // lay.etp) * 2)
 
 
 def sequences_per_rank(spec: RunSpec) -> int:
@@ -131,8 +161,9 @@ def inference_decode_batch(s: Shapes, *, tp: int, pp: int, ep: int, etp: int, se
     return max(0, int((gpu_bytes - weights - reserve) // per_slot) - 1)  # - 1: the scratch slot
 
 
-def memory_plan(spec: RunSpec) -> dict:
-    """The plan as a dict (see the module docstring): per-GPU bytes by part for the worst pipeline stage,
+def memory_plan(spec: RunSpec, pipeline_stage: int | None = None) -> dict:
+    """The plan as a dict (see the module docstring): per-GPU bytes by part for the worst pipeline stage
+    (or ``pipeline_stage``),
     the peak, whether it fits ``spec.layout.gpu_memory_bytes``, host bytes, and the settings used."""
     lay, tr, opt_s, eng, stage = spec.layout, spec.trainer, spec.optim, spec.engine, spec.stage
     hf = spec.model.hf_config
@@ -142,7 +173,8 @@ def memory_plan(spec: RunSpec) -> dict:
     sizes = dict(tp=lay.tp, pp=lay.pp, ep=lay.ep, etp=lay.etp)
     student = stage_params(s, z, **sizes)
     teacher = stage_params(s, 0, **sizes)
-    worst = max(range(lay.pp), key=lambda i: student[i]["dense"] + student[i]["expert"] + (lay.pp - i))
+    worst = max(range(lay.pp), key=lambda i: student[i]["dense"] + student[i]["expert"] + (lay.pp - i)) \
+        if pipeline_stage is None else pipeline_stage
     sp_, tp_ = student[worst], teacher[worst]
     n_student = sp_["dense"] + sp_["expert"]
     pb = tr.param_bytes
@@ -168,26 +200,36 @@ def memory_plan(spec: RunSpec) -> dict:
     t = tr.micro_batch_size * tr.seq_length
     tsp = t // lay.tp if lay.sp else t
     in_flight = min(lay.pp - worst, tr.num_microbatches)
+    kept_at_loss = 0
     if tr.recompute == "full":
-        kept = len(layers) * tsp * s.hidden * 2
-        acts = in_flight * kept + 2 * max(layer_acts)
+        kept = len(layers) * tsp * s.hidden * 2  # each layer's input
+        routed = [layer_activation(s, spec, bool(m), routed_only=True) for m in layers]
+        acts = in_flight * kept + max(RECOMPUTE_ROUTED * r + RECOMPUTE_REST * (a - r) for a, r in zip(layer_acts, routed))
+        kept_at_loss = in_flight * kept
     else:
         acts = in_flight * sum(layer_acts) + max(layer_acts)
-    acts += max(layer_acts) + 2 * tsp * s.hidden * 2  # the teacher's forward working set, both hidden outputs
+        kept_at_loss = in_flight * sum(layer_acts)
     parts["activations"] = int(acts)
-    # loss: fused chunked KL on the last stage
+    # loss: the fused chunked KL on the last stage (zeda_megatron.linear_kl): fp32 gradients of the
+    # gathered hidden states [t, h] and of the output weight [V/TP, h], then their copies in the param
+    # dtype (the larger of those and the chunk's fp32 [chunk, V/TP] temporaries)
     v_local = s.vocab // lay.tp
     chunk = max(1, DEFAULT_CHUNK_ELEMENTS // v_local)
     if stage.fused_loss:
-        parts["loss_logits"] = LOSS_TEMPORARIES * min(chunk, t) * v_local * 4 + v_local * s.hidden * 4
+        grads = (t + v_local) * s.hidden
+        parts["loss_logits"] = grads * 4 + max(LOSS_TEMPORARIES * min(chunk, t) * v_local * 4, grads * pb)
     else:  # materialised: student logits (params dtype) + fp32 copies of both, log-softmax, their gradient
         parts["loss_logits"] = t * v_local * (pb + UNFUSED_LOSS_FP32_TENSORS * 4)
+    if pipeline_stage is not None and pipeline_stage != lay.pp - 1:
+        parts["loss_logits"] = 0  # (a stage asked for by name: only the last one computes the loss)
+    # at the loss: what the forward kept plus the gathered final hidden states (the teacher's too)
+    kept_at_loss += t * s.hidden * pb * (2 if (stage.kl_weight > 0) else 1)
     # stage-2 rollout KV cache (freed before the training step): one slot per sequence in flight + a scratch slot
     per_sequence = rollout_bytes_per_sequence(s, spec, len(layers)) if stage.needs_sampling else 0
     gpu = lay.gpu_memory_bytes
     parts["reserve"] = int(RESERVE_FIXED + RESERVE_FRACTION * (gpu or DEFAULT_GPU_BYTES))
     static = sum(parts[k] for k in ("student_params", "student_grads", "optimizer_states", "teacher_params", "reserve"))
-    train_peak = parts["activations"] + parts["loss_logits"]
+    train_peak = max(parts["activations"], kept_at_loss + parts["loss_logits"])
     # while sampling, the grad buffers and the optimizer states on the GPU are offloaded (training/offload.py)
     rollout_static = static - (parts["student_grads"] + parts["optimizer_states"] if stage.offload_while_sampling else 0)
     # the largest decode batch (slots of seq_length positions per rank) that fits while sampling
@@ -197,7 +239,8 @@ def memory_plan(spec: RunSpec) -> dict:
         rollout_batch = min(stage.decode_batch, wanted)
     else:
         rollout_batch = wanted if rollout_batch_max is None else max(1, min(wanted, rollout_batch_max))
-    parts["rollout_kv_cache"] = int((rollout_batch + 1) * per_sequence) if stage.needs_sampling else 0
+    parts["rollout_kv_cache"] = int((rollout_batch + 1) * per_sequence + prefill_bytes(s, spec)) \
+        if stage.needs_sampling else 0
     peak = max(static + train_peak, rollout_static + parts["rollout_kv_cache"])
     fits = None if gpu is None else peak <= gpu
     return {

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from zeda_megatron import assumptions
 from zeda_megatron.mcore.config import NullExpertSettings
 from zeda_megatron.platform import on_cpu
 from zeda_megatron.spec import OptimSpec, RunSpec
@@ -21,8 +22,9 @@ from zeda_megatron.training.distill import LossSpec
 
 
 def check_distributed_optimizer(optim: OptimSpec) -> None:
-    """megatron-core's distributed optimizer requires CUDA tensors: refused on the CPU platform."""
-    if optim.distributed_optimizer and on_cpu():
+    """megatron-core's distributed optimizer requires CUDA tensors: refused on the CPU platform (not in
+    the fake-tensor rehearsal, whose data-free tensors stand for the GPU run's)."""
+    if optim.distributed_optimizer and on_cpu() and assumptions.current() is None:
         raise ValueError("optim.use_distributed_optimizer=true needs CUDA (megatron-core checks for "
                          "torch.cuda tensors); use auto or false on CPU")
 
@@ -47,19 +49,30 @@ def loss_spec(spec: RunSpec) -> LossSpec:
     return LossSpec(st.name, st.nll_weight, st.kl_weight, st.kl, st.temperature, fused=st.fused_loss)
 
 
-def build_models(spec: RunSpec, hf_dir: str):
-    """(teacher, student, student TransformerConfig, HF model info) for this rank, weights loaded."""
+def build_models(spec: RunSpec, hf_dir: str | None):
+    """(teacher, student, student TransformerConfig, HF model info) for this rank, weights loaded from
+    ``hf_dir``; with ``hf_dir`` None (``model.source == "shapes"``: the plan's and the rehearsal's
+    models) from the HF config's shapes alone, megatron-core's initialisation, no file read."""
     from megatron.core.transformer.moe.router_replay import RouterReplay
 
     from zeda_megatron.bridge.builders import build_model
     from zeda_megatron.bridge.import_hf import load_hf_weights
 
+    if hf_dir is None and spec.model.source != "shapes":
+        raise ValueError("build_models needs the original model's HF folder (model.hf_dir) unless the spec is "
+                         "shapes-only")
+    source = spec.model.hf_config if hf_dir is None else hf_dir
+
+    def load(model):
+        if hf_dir is not None:
+            load_hf_weights(model, hf_dir, seed=spec.seed)
+
     dtype, sp, mcore = spec.trainer.dtype, spec.layout.sp, spec.model.mcore
     # model.mcore: TransformerConfig fields (bridge/hf_config.py); the frozen teacher has no weight
     # gradients to accumulate (and no DDP main_grad buffers for TE's fused accumulation to write into)
     teacher_mcore = {k: v for k, v in mcore.items() if k != "gradient_accumulation_fusion"}
-    teacher, info, _ = build_model(hf_dir, None, params_dtype=dtype, sequence_parallel=sp, mcore=teacher_mcore)
-    load_hf_weights(teacher, hf_dir, seed=spec.seed)
+    teacher, info, _ = build_model(source, None, params_dtype=dtype, sequence_parallel=sp, mcore=teacher_mcore)
+    load(teacher)
     RouterReplay.clear_global_router_replay_instances()  # one student per process owns the list
     student_overrides = dict(
         moe_router_load_balancing_type="grouped_aux_loss", moe_aux_loss_coeff=spec.model.group_loss_coeff,
@@ -69,8 +82,8 @@ def build_models(spec: RunSpec, hf_dir: str):
         student_overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif spec.trainer.recompute == "selective":  # megatron-core's default selective set (core attention)
         student_overrides.update(recompute_granularity="selective")
-    student, _, config = build_model(hf_dir, null_settings(spec), params_dtype=dtype, mcore=mcore, **student_overrides)
-    load_hf_weights(student, hf_dir, seed=spec.seed)
+    student, _, config = build_model(source, null_settings(spec), params_dtype=dtype, mcore=mcore, **student_overrides)
+    load(student)
     if spec.model.init_checkpoint:
         from zeda_megatron.training.checkpoint import load_model_only
 
@@ -98,6 +111,8 @@ def build_optimizer(student, config, spec: RunSpec):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from zeda_megatron.distributed import gloo_groups
+
     optim, dtype = spec.optim, spec.trainer.dtype
     check_distributed_optimizer(optim)
     ddp_config = DistributedDataParallelConfig(
@@ -111,7 +126,7 @@ def build_optimizer(student, config, spec: RunSpec):
         bf16=dtype == torch.bfloat16, params_dtype=dtype, use_distributed_optimizer=optim.distributed_optimizer,
         adam_eps=optim.adam_eps, **cpu_offload_settings(optim),
     )
-    optimizer = get_megatron_optimizer(opt_config, [ddp])
+    optimizer = get_megatron_optimizer(opt_config, [ddp], use_gloo_process_groups=gloo_groups())
     scheduler = build_scheduler(optimizer, optim, spec.trainer.max_steps)
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = lambda model, num_tokens=None, **kw: finalize_model_grads([ddp], num_tokens, **kw)

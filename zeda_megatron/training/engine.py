@@ -103,7 +103,7 @@ class MegatronEngine(Engine):
         self.optimizer = optimizer
 
     @classmethod
-    def build(cls, spec: RunSpec, hf_dir: str) -> MegatronEngine:
+    def build(cls, spec: RunSpec, hf_dir: str | None) -> MegatronEngine:
         """Teacher and student (HF weights, null rows drawn with ``spec.seed``), the student's DDP
         wrapper, optimizer and scheduler."""
         from zeda_megatron.training.build import (
@@ -323,9 +323,10 @@ def optimizer_state_bytes(optimizer, masters: bool = True) -> dict:
 
 def build_engine(spec: RunSpec, hf_dir: str | None = None) -> Engine:
     """The engine ``spec.engine`` names for this rank: teacher + student (weights from ``hf_dir``,
-    default ``spec.model.hf_dir``), the student's wrapper, optimizer and LR schedule."""
+    default ``spec.model.hf_dir``; none for a shapes-only spec), the student's wrapper, optimizer and
+    LR schedule."""
     hf_dir = hf_dir or spec.model.hf_dir
-    if not hf_dir:
+    if not hf_dir and spec.model.source != "shapes":
         raise ValueError("build_engine needs the original model's HF folder (model.hf_dir, or hf_dir=...)")
     cls = DeepSpeedTrainEngine if spec.engine.deepspeed else MegatronEngine
     return cls.build(spec, hf_dir)

@@ -16,12 +16,15 @@ step's layout is the same), and the last stage broadcasts its sampled tokens to 
 
 from __future__ import annotations
 
+from zeda_megatron.plan.memory import TOKEN_BUDGET
+
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from zeda_megatron import assumptions
 from zeda_megatron.distributed import comm_device
 from zeda_megatron.training.rollout.kv_cache import SlotCache, StepInfo, cached_attention
 from zeda_megatron.training.rollout.sampling import choose_tokens, prompt_uniforms
@@ -180,7 +183,7 @@ class Engine:
 
     def __init__(self, gpt, *, n_slots: int, length: int, eos_id: int, pad_id: int, temperature: float,
                  top_p: float, seed: int, routers: list, cached: bool = True, mla_cache: str = "latent",
-                 refill: bool = True, token_budget: int = 8192):
+                 refill: bool = True, token_budget: int = TOKEN_BUDGET):
         self.gpt, self.n_slots, self.length = gpt, n_slots, length
         self.eos_id, self.pad_id = eos_id, pad_id
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
@@ -265,6 +268,10 @@ class Engine:
             flag = packed[2 * n:]
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         host = self._to_host(packed)
+        assumed = assumptions.current()
+        if assumed is not None:  # no data (the rehearsal): no EOS, stop after the assumed number of forwards
+            more = assumed.sampler_steps is None or self.stats.forwards < assumed.sampler_steps
+            return [self.eos_id + 1] * n, [0.0] * n, more
         return host[:n].long().tolist(), host[n:2 * n].float().tolist(), bool(host[2 * n] > 0)
 
     # -- the loop ---------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ class CachedSelfAttention(MegatronModule):
 class CachedMLA(MegatronModule):
     """An ``MLASelfAttention`` reading/writing the slot cache: latent (absorbed decode) or full K/V."""
 
-    def __init__(self, attn, cache: SlotCache, index: int, mode: str):
+    def __init__(self, attn, cache: SlotCache, index: int, mode: str, rot=None):
         super().__init__(config=attn.config)
         if mode not in ("latent", "full"):
             raise ValueError(f"mla_cache={mode!r}: latent | full")
@@ -160,7 +160,8 @@ class CachedMLA(MegatronModule):
         self.scale = attn.softmax_scale
         if getattr(attn.linear_kv_up_proj, "bias", None) is not None and attn.linear_kv_up_proj.bias.numel():
             raise ValueError("the MLA latent cache assumes linear_kv_up_proj without bias (add_bias_linear=False)")
-        rot = attn.rotary_pos_emb(cache.length)
+        if rot is None:  # the RoPE table of the cache's positions (every layer's is the same: pass it in)
+            rot = attn.rotary_pos_emb(cache.length)
         self.freqs, self.mscale = (rot, 1.0) if cfg.rope_type == "rope" else rot
 
     # -- the layer's own projections -------------------------------------------------------------
@@ -268,12 +269,17 @@ def cached_attention(gpt, cache: SlotCache, mla_cache: str = "latent"):
     if any(not is_mla(layer.self_attention) for layer in layers) and getattr(gpt, "rotary_pos_emb", None) is not None:
         rotary = gpt.rotary_pos_emb(cache.length)  # [length, 1, 1, d]
     originals = []
+    mla_rot = None  # one RoPE table for all MLA layers (36,864 positions x 47 layers would be 0.4 GB)
     try:
         for i, layer in enumerate(layers):
             attn = layer.self_attention
             originals.append(attn)
-            layer.self_attention = (CachedMLA(attn, cache, i, mla_cache) if is_mla(attn)
-                                    else CachedSelfAttention(attn, cache, i, rotary))
+            if is_mla(attn):
+                if mla_rot is None:
+                    mla_rot = attn.rotary_pos_emb(cache.length)
+                layer.self_attention = CachedMLA(attn, cache, i, mla_cache, mla_rot)
+            else:
+                layer.self_attention = CachedSelfAttention(attn, cache, i, rotary)
         yield cache
     finally:
         for layer, attn in zip(layers, originals):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from zeda_megatron.plan.memory import TOKEN_BUDGET
+
 import contextlib
 
 import torch
@@ -33,7 +35,7 @@ def sample(model, prompt_batches, *, max_new_tokens, eos_id: int, pad_id: int, t
            top_p: float = 1.0, seed: int | None = None, generator: torch.Generator | None = None,
            prompt_keys: list | None = None, slots: int | None = None, refill: bool = True,
            tp_multiple: int | None = None, record_routing: bool | None = None, use_cache: bool = True,
-           mla_cache: str = "latent", token_budget: int = 8192, on_finished=None, flush_every: int = 64) -> Rollout:
+           mla_cache: str = "latent", token_budget: int = TOKEN_BUDGET, on_finished=None, flush_every: int = 64) -> Rollout:
     """Sample a response to every prompt with the model as it is laid out for training.
 
     model: the student (GPTModel, or DDP/Float16Module/any wrapper with ``.module``) on this rank.

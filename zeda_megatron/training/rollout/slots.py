@@ -18,6 +18,8 @@ chunks already cached).
 
 from __future__ import annotations
 
+from zeda_megatron.plan.memory import TOKEN_BUDGET
+
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -71,7 +73,7 @@ class StepPlan:
 class Slots:
     """The slots of one rank and its queue of waiting sequences."""
 
-    def __init__(self, sequences: list[Sequence], n_slots: int, *, refill: bool = True, token_budget: int = 8192,
+    def __init__(self, sequences: list[Sequence], n_slots: int, *, refill: bool = True, token_budget: int = TOKEN_BUDGET,
                  keep_finished: bool = True):
         if n_slots < 1:
             raise ValueError(f"the sampler needs at least one decode slot, got {n_slots}")
