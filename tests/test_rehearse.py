@@ -153,3 +153,43 @@ def test_pipeline_stages_are_rehearsed_as_rank_roles_of_their_own():
     for row in report["ranks"]:  # each compared with its own stage's plan
         for part in ("student_params", "teacher_params", "student_grads", "optimizer_states"):
             assert abs(row["measured_bytes"][part] / row["planned_bytes"][part] - 1) < 0.01, (row["rank"], part)
+
+
+# ---- (e) the Slurm job's rehearse phase: both stages as the job launches them ----------------------------
+def run_phase(out, world, sft, opd, timeout=900):
+    cmd = [sys.executable, "-m", "zeda_megatron.pipeline", "rehearse", "--out", str(out), "--world", str(world),
+           "--gpu", "h100", "--", *sft, "--", *opd]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
+
+
+def test_the_jobs_rehearse_phase_passes_a_job_that_fits(tmp_path):
+    out = tmp_path / "rehearsal.json"
+    r = run_phase(out, 1, ["model=tiny_qwen3", "parallel=single", "stage=sft"],
+                  ["model=tiny_qwen3", "parallel=single", "stage=opd"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[rehearse] stage 1 (sft)" in r.stdout and "[rehearse] stage 2 (opd)" in r.stdout
+    report = json.loads(out.read_text())
+    assert report["fits"] is True and set(report["stages"]) == {"sft", "opd"}
+    assert report["stages"]["opd"]["ranks"][0]["measured_bytes"]["rollout_kv_cache"] > 0
+
+
+def test_the_jobs_rehearse_phase_refuses_a_bad_stage_config_before_building(tmp_path):
+    out = tmp_path / "rehearsal.json"
+    r = run_phase(out, 8, ["model=glm47_flash", *REFERENCE, "stage=sft"],
+                  ["model=glm47_flash", *REFERENCE, "stage=opd", "parallel.ep=3"], timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "stage 2 (opd): parallel.ep=3" in r.stdout and "[rehearse] stage 1 (sft):" not in r.stdout
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_jobs_rehearse_phase_stops_the_job_naming_the_stage_rank_and_part(tmp_path):
+    out = tmp_path / "rehearsal.json"
+    r = run_phase(out, 8, ["model=glm47_flash", *REFERENCE, "stage=sft", "trainer.recompute=false",
+                           "optim.optimizer_cpu_offload=false"],
+                  ["model=glm47_flash", *REFERENCE, "stage=opd"])
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "[rehearse] stage 1 (sft): rank 0: does not fit" in r.stdout
+    assert "largest part:" in r.stdout and "[rehearse] stage 2 (opd):" not in r.stdout  # stage 2 not rehearsed
+    report = json.loads(out.read_text())
+    assert report["fits"] is False and list(report["stages"]) == ["sft"]

@@ -169,13 +169,18 @@ def test_dry_run_prints_the_reference_hyper_parameters(script, lr2):
     assert re.search(r"zeda_megatron\.train stage=opd .*trainer\.max_steps=321 trainer\.global_batch_size=32 .*"
                      r"stage\.samples_per_prompt=2 stage\.max_new_tokens=32768 stage\.temperature=1\.0", out)
     assert re.search(r"parallel=reference_8gpu", out)
-    for phase in ("check", "convert", "generate", "prepare", "sft", "opd", "export", "evaluate"):
+    for phase in ("check", "rehearse", "convert", "generate", "prepare", "sft", "opd", "export", "evaluate"):
         assert re.search(rf"\d\. {phase}\s", out), phase
     # the time plan of every phase on the default GPU, and the job runs at the sbatch script's --time
     assert "time plan on NVIDIA H100" in out
     hours = {m[0]: float(m[1]) for m in re.findall(r"\| (\w+) \| ([\d.]+) \|", out)}
-    assert set(hours) == {"check", "convert", "generate", "prepare", "sft", "opd", "export", "evaluate"}, hours
+    assert set(hours) == {"check", "rehearse", "convert", "generate", "prepare", "sft", "opd", "export", "evaluate"}, hours
     assert re.search(r"at --time 24 h per job run: \d+ runs, \d+ requeues", out)
+    # the rehearsal of both stages, as launched, before any GPU work (one process on the first node)
+    assert re.search(r" 1\. rehearse ", out)
+    assert re.search(r"zeda_megatron\.pipeline rehearse --out \S+/job/rehearsal\.json "
+                     r"--world 8 --gpu h100 -- stage=sft .*trainer\.seq_length=65536 .* -- stage=opd .*"
+                     r"trainer\.seq_length=36864", out)
 
 
 def test_dry_run_follows_overrides():

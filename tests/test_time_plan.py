@@ -17,7 +17,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 REF = ["model=glm47_flash", "parallel=reference_8gpu", "stage=opd"]
-PHASES = ("check", "convert", "generate", "prepare", "sft", "opd", "export", "evaluate")
+PHASES = ("check", "rehearse", "convert", "generate", "prepare", "sft", "opd", "export", "evaluate")
 
 
 def _cli(*args):

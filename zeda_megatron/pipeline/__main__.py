@@ -5,9 +5,12 @@
     python3 -m zeda_megatron.pipeline requeue RUN
     python  -m zeda_megatron.pipeline env   [--need-cuda] [--gpus N]      # on each node (the project's python)
     python  -m zeda_megatron.pipeline plan  --family glm [--run-dir RUN] [--dry-run] [--env-check] -- OVERRIDES...
+    python  -m zeda_megatron.pipeline rehearse --out FILE --world N --gpu h100 -- SFT_OVERRIDES -- OPD_OVERRIDES
 
 ``plan`` turns the job's Hydra overrides into one command per phase (zeda_megatron/pipeline/adapt.py),
 checks the inputs and both stages' configs and writes RUN/job/plan.json; ``--dry-run`` prints it only.
+``rehearse`` is the job's first work phase: both stages at full size on fake tensors
+(zeda_megatron/pipeline/rehearsal.py).
 """
 
 from __future__ import annotations
@@ -94,6 +97,22 @@ def main(argv=None) -> int:
             if check_environment(ns.need_cuda, ns.gpus) != 0:
                 return 3
         return plan_command(ns)
+    if cmd == "rehearse":
+        a.add_argument("--out", required=True)
+        a.add_argument("--world", type=int, required=True)
+        a.add_argument("--gpu", default="h100")
+        a.add_argument("--sampler-steps", type=int, default=None)
+        if "--" not in rest:
+            a.error("give the two stages' overrides as: -- SFT_OVERRIDES -- OPD_OVERRIDES")
+        i = rest.index("--")
+        ns = a.parse_args(rest[:i])
+        from zeda_megatron.pipeline.rehearsal import rehearse_stages, split_stages
+
+        try:
+            stages = split_stages(rest[i + 1:])
+        except ValueError as e:
+            a.error(str(e))
+        return rehearse_stages(stages, ns.world, ns.gpu.lower(), ns.out, ns.sampler_steps)
     say(f"unknown command {cmd!r}\n{__doc__}", sys.stderr)
     return 2
 

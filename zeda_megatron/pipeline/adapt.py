@@ -169,6 +169,18 @@ def build_plan(family: str, run_dir: str | None, overrides: list[str], dry_run: 
     seed = int(cfgs["sft"].seed)
     phases = []
 
+    # the rehearsal: both stages' trainer configs at full size on fake tensors, on this node's CPU, before
+    # the first GPU hour (a CPU job has no GPU memory to fit)
+    if not on_cpu:
+        gpu = str(job.get("gpu") or "h100").lower()
+        phases.append(Phase(
+            "rehearse", "both stages rehearsed at full size on fake tensors (CPU)",
+            ["-m", "zeda_megatron.pipeline", "rehearse", "--out", d("job", "rehearsal.json"), "--world", str(world),
+             "--gpu", gpu, "--", *sft_cfg_ov, "--", *opd_cfg_ov], launcher="single", outputs=[d("job", "rehearsal.json")],
+            advice="a stage does not fit the GPUs at these settings (the stage, rank and part are named above)",
+            intro=[f"the trainer's own build and one step of each stage for every rank role of the layout ({world} "
+                   f"processes), fake tensors on this node's CPU, against {gpu}'s memory (docs/rehearsal.md)",
+                   f"out: {d('job', 'rehearsal.json')}; skip with job.phases=<the others>"]))
     # convert / inject
     conv = [os.path.join(REPO, "tools", "convert_hf.py"), "--hf-dir", hf_dir, "--out", convert_dir + ".tmp", *null_flag,
             "--seed", str(seed), "--tp", str(lay.tp), "--pp", str(lay.pp), "--ep", str(lay.ep),

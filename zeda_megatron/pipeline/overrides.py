@@ -19,7 +19,7 @@ PHASE_PREFIXES = {"sft": "sft", "stage1": "sft", "opd": "opd", "stage2": "opd", 
                   "prepare": "prepare", "eval": "evaluate", "evaluate": "evaluate", "convert": "convert",
                   "export": "export", "job": "job"}
 ROUTES = ("common", "sft", "opd", "generate", "prepare", "evaluate", "convert", "export")
-WORK_PHASES = ("convert", "generate", "prepare", "sft", "opd", "export", "evaluate")
+WORK_PHASES = ("rehearse", "convert", "generate", "prepare", "sft", "opd", "export", "evaluate")
 
 JOB_DEFAULTS = {
     "run_dir": None,            # default runs/zeda-<family>-<SLURM_JOB_ID> (stable across requeues)

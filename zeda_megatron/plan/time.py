@@ -26,11 +26,14 @@ from zeda_megatron.plan.lengths import SEED, Lengths
 from zeda_megatron.plan.memory import inference_decode_batch, kv_bytes_per_token_layer, decode_batch
 from zeda_megatron.plan.shapes import Shapes, layer_params, shapes_of, stage_params
 
-PHASES = ("check", "convert", "generate", "prepare", "sft", "opd", "export", "evaluate")
+PHASES = ("check", "rehearse", "convert", "generate", "prepare", "sft", "opd", "export", "evaluate")
 REFERENCE_PROMPTS = 60000  # ZEDA-prompts-60k.jsonl (zeda_method.md section 4)
 REFERENCE_OPD_STEPS = 321  # --num-rollout 321 (zeda_method.md section 5)
 CKPT_WRITE_GBPS = 1.0  # filesystem write speed per node (slurm/job.py's job.ckpt_write_gbps default)
 TOKENIZE_TOKENS_S = 2e6  # one process of a fast (Rust) HF tokenizer
+# the rehearse phase: GLM-4.7-Flash 46 s (stage 1) + 137 s (stage 2), Qwen3-30B-A3B 60 + 129 s on the
+# 2-core CPU machine (docs/rehearsal.md); a GPU node's host is not slower
+REHEARSE_HOURS = 190 / 3600
 RESTART_HOURS = 0.25  # per job run: start, model build, checkpoint load
 GRACE_HOURS = 0.25  # the pre-time-limit signal's lead (slurm/job.py's job.grace_s = 900 s)
 EVALUATE_HOURS = 0.25  # the embedded-corpus evaluation (held-out chunks, 500 problems, the dial): not modelled
@@ -240,6 +243,7 @@ def time_plan(sft, opd, dev: DeviceSpec, lengths: Lengths, *, n_prompts: int = R
     io = (2 * weights_gb / CKPT_WRITE_GBPS + BUILD_SECONDS) / 3600
     phases = {
         "check": {"hours": 0.02},
+        "rehearse": {"hours": REHEARSE_HOURS},
         "convert": {"hours": io, "weights_gb": weights_gb},
         "generate": {k: v for k, v in gen.items() if k != "decode_step"},
         "prepare": {"hours": n_prompts * (lengths.prompt_mean() + mom["mean"]) / TOKENIZE_TOKENS_S / 3600},
@@ -270,6 +274,7 @@ def format_time_plan(phases: dict, summary: dict, s2: dict, gen: dict) -> str:
     d2, dg = s2["decode_step"], gen["decode_step"]
     what = {
         "check": "environment, inputs, both stages' configs",
+        "rehearse": "both stages at full size on fake tensors, on the node's CPU",
         "convert": f"read + write {phases['convert']['weights_gb']:.0f} GB of weights",
         "generate": f"{gen['response_tokens']:,} response tokens, {gen['decode_batch']} slots per DP rank, "
                     f"{gen['decode_tokens_per_s']:.0f} decode tokens/s per DP rank (step {dg['seconds'] * 1e3:.0f} ms: "
