@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The quality frontier of ZEDA on the embedded default, against every baseline, over seeds.
 
-    python tools/bench_quality.py                     # the full run: 4 points x 3 seeds (hours on 2 cores)
+    python tools/bench_quality.py                     # the full run: 4 points x 3 seeds (50 min on 2 cores)
     python tools/bench_quality.py --preset test --points 0.5 0.6 --seeds 0 1 --sft-steps 4 --opd-steps 2 \\
         --eval-chunks 4 --arith-problems 40 --dial -1 0 1 --nproc 1      # a tiny run (the test's)
 
