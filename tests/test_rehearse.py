@@ -63,20 +63,7 @@ def test_full_size_rehearsal_agrees_with_the_plan(model, stage):
 
 
 # ---- (b) a layout that does not fit: stage 1 without recompute and without the optimizer offload --------
-@pytest.mark.slow
-def test_a_layout_that_does_not_fit_is_reported_by_plan_and_rehearsal():
-    from zeda_megatron.plan.fixes import plan_with_fixes
-    from zeda_megatron.rehearse import rehearse
-
-    overrides = ("model=glm47_flash", *REFERENCE, "stage=sft", "trainer.recompute=false",
-                 "optim.optimizer_cpu_offload=false")
-    spec = spec_of(*overrides)
-    assert plan_with_fixes(spec)["fits"] is False
-    report = rehearse(spec, [0])
-    assert report["fits"] is False and report["plan_fits"] is False
-    assert report["failures"] and report["failures"][0].startswith("rank 0: does not fit")
-    row = report["ranks"][0]
-    assert row["measured_peak"] + row["reserve"] > spec.layout.gpu_memory_bytes
+# (through the Slurm job's rehearse phase: section (e))
 
 
 # ---- (c) a layout the model cannot run: refused before anything is built, naming the setting -------------
@@ -183,13 +170,23 @@ def test_the_jobs_rehearse_phase_refuses_a_bad_stage_config_before_building(tmp_
 
 
 @pytest.mark.slow
-def test_the_jobs_rehearse_phase_stops_the_job_naming_the_stage_rank_and_part(tmp_path):
+def test_a_layout_that_does_not_fit_is_reported_by_plan_and_rehearsal_and_stops_the_job(tmp_path):
+    """Stage 1 without recompute and without the optimizer offload: the plan says it does not fit, and so
+    does the job's rehearse phase, naming the stage, the rank and the part, before stage 2 is rehearsed."""
+    from zeda_megatron.plan.fixes import plan_with_fixes
+
+    sft = ["model=glm47_flash", *REFERENCE, "stage=sft", "trainer.recompute=false", "optim.optimizer_cpu_offload=false"]
+    spec = spec_of(*sft)
+    assert plan_with_fixes(spec)["fits"] is False
     out = tmp_path / "rehearsal.json"
-    r = run_phase(out, 8, ["model=glm47_flash", *REFERENCE, "stage=sft", "trainer.recompute=false",
-                           "optim.optimizer_cpu_offload=false"],
-                  ["model=glm47_flash", *REFERENCE, "stage=opd"])
+    r = run_phase(out, 8, sft, ["model=glm47_flash", *REFERENCE, "stage=opd"])
     assert r.returncode == 1, r.stdout + r.stderr
     assert "[rehearse] stage 1 (sft): rank 0: does not fit" in r.stdout
     assert "largest part:" in r.stdout and "[rehearse] stage 2 (opd):" not in r.stdout  # stage 2 not rehearsed
     report = json.loads(out.read_text())
     assert report["fits"] is False and list(report["stages"]) == ["sft"]
+    sft_report = report["stages"]["sft"]
+    assert sft_report["fits"] is False and sft_report["plan_fits"] is False
+    assert sft_report["failures"][0].startswith("rank 0: does not fit")
+    row = sft_report["ranks"][0]
+    assert row["measured_peak"] + row["reserve"] > spec.layout.gpu_memory_bytes
