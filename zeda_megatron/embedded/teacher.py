@@ -23,14 +23,13 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import time
 
 import torch
 
 from . import corpus
-from .hf_model import generate, load, log_print  # noqa: F401 (load/generate re-exported)
+from .hf_model import log_print
 
 VERSION = 3
 MARKER = ".complete"
