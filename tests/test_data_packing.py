@@ -43,7 +43,6 @@ def test_packed_batches_layout_resume_and_dp(tmp_path):
     ds = JsonlDataset(_docs(tmp_path, n=60), tok, seq_length=64)
     it = B.iterate_batches(ds, 2, 2, 0, 1, seed=3, packing=True)
     steps = [next(it) for _ in range(6)]
-    seen = []
     for step in steps:
         for mb in step:
             assert mb["tokens"].shape == (1, 128) and mb["padding_mask"].shape == (1, 128)

@@ -74,7 +74,7 @@ def test_teacher_trained_and_loadable(teacher):
     # and it solves some arithmetic (greedy exact match; a random model solves none)
     from zeda_megatron.embedded import corpus
     from zeda_megatron.eval.scoring import arith_accuracy
-    from zeda_megatron.embedded.teacher import load
+    from zeda_megatron.embedded.hf_model import load
 
     model, tk = load(d)
     acc = arith_accuracy(model, tk, corpus.arithmetic_problems(100, 0, ops=("+", "-", "*")))

@@ -27,7 +27,7 @@ def main(argv=None):
     ap.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None,
-                    help=f"torch threads of the build (the weights differ bitwise between thread counts; "
+                    help="torch threads of the build (the weights differ bitwise between thread counts; "
                          f"the shipped teacher was built with {SHIPPED_THREADS})")
     ap.add_argument("--steps", type=int, default=None, help="override the preset's step count")
     a = ap.parse_args(argv)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -51,7 +52,7 @@ EXIT_BAD_INPUT = 2
 EXIT_MISSING = 4
 
 try:  # the node's image may lack `packaging` before the install: pip carries a copy of it
-    import packaging.requirements  # noqa: F401
+    importlib.import_module("packaging.requirements")
 except ImportError:  # pragma: no cover
     try:
         import pip._vendor.packaging as _packaging

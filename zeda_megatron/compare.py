@@ -18,23 +18,17 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import os
 import sys
+
+from zeda_megatron.pipeline.state import read_json
+from zeda_megatron.training.metrics import read_metrics
 
 EVAL_KEYS = ("student_arith_acc", "teacher_arith_acc", "nll_ratio", "kl_student_teacher")  # beside KL/NLL columns
 
 
 # ---- reading runs ------------------------------------------------------------------------------------
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _read_yaml(path):
     import yaml
 
@@ -43,21 +37,6 @@ def _read_yaml(path):
             return yaml.safe_load(f)
     except (OSError, ValueError):
         return None
-
-
-def _metrics(run_dir: str) -> list[dict]:
-    rows = []
-    try:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except ValueError:
-                        pass
-    except OSError:
-        pass
-    return rows
 
 
 def _get(d, path, default=None):
@@ -87,7 +66,7 @@ def _mean_tps(rows: list[dict]) -> float | None:
 def _eval_of(folder: str) -> dict | None:
     for p in (os.path.join(folder, "eval", "eval.json"), os.path.join(folder, "eval.json"),
               os.path.join(folder, "eval", "summary.json")):
-        e = _read_json(p)
+        e = read_json(p)
         if isinstance(e, dict):
             return e
     return None
@@ -133,14 +112,14 @@ def find_local_runs(paths: list[str]) -> list[dict]:
                 continue
             dirs[:] = sorted(d for d in dirs if not d.startswith((".", "wandb", "checkpoints")))
             if os.path.isfile(os.path.join(root, "job", "plan.json")):  # a slurm/adapt_*.sh run
-                plan = _read_json(os.path.join(root, "job", "plan.json")) or {}
+                plan = read_json(os.path.join(root, "job", "plan.json")) or {}
                 stage_dir = next((os.path.join(root, s) for s in ("opd", "sft")
                                   if os.path.isfile(os.path.join(root, s, "config.yaml"))), None)
                 seen.add(os.path.realpath(root))
                 if stage_dir:
                     cfg = _read_yaml(os.path.join(stage_dir, "config.yaml")) or {}
                     out.append(record(os.path.relpath(root, top) if root != top else os.path.basename(root.rstrip("/")),
-                                      cfg, _metrics(stage_dir), _read_json(os.path.join(stage_dir, "summary.json")),
+                                      cfg, read_metrics(stage_dir), read_json(os.path.join(stage_dir, "summary.json")),
                                       _eval_of(root), group=plan.get("wandb_group")))
                 dirs[:] = []
                 continue
@@ -148,7 +127,7 @@ def find_local_runs(paths: list[str]) -> list[dict]:
                 seen.add(os.path.realpath(root))
                 cfg = _read_yaml(os.path.join(root, "config.yaml")) or {}
                 name = os.path.relpath(root, top) if root != top else os.path.basename(os.path.normpath(root))
-                out.append(record(name, cfg, _metrics(root), _read_json(os.path.join(root, "summary.json")),
+                out.append(record(name, cfg, read_metrics(root), read_json(os.path.join(root, "summary.json")),
                                   _eval_of(root)))
     return out
 

@@ -115,5 +115,5 @@ def check_engine(*, engine: str = "megatron", zero_stage: int | None = None, off
             "with expert parallelism, or parallel.ep=1 with ZeRO-3")
     if offload_param and zero_stage != 3:
         raise LayoutError(
-            f"engine.offload_param=true needs engine.zero_stage=3 (DeepSpeed offloads parameters only "
+            "engine.offload_param=true needs engine.zero_stage=3 (DeepSpeed offloads parameters only "
             f"under ZeRO-3; zero_stage={zero_stage})")

@@ -16,14 +16,9 @@ import torch
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
 
-def _check_route_args(num_experts, num_real, topk, score_function, expert_bias, num_groups, group_topk):
+def _check_select_args(num_experts, topk, score_function, expert_bias, num_groups, group_topk):
     if score_function not in SCORE_FUNCTIONS:
         raise ValueError(f"score_function must be one of {SCORE_FUNCTIONS}, got {score_function!r}")
-    if not 0 < num_real <= num_experts:
-        raise ValueError(
-            f"num_real={num_real} must be in [1, logits.shape[-1]={num_experts}] "
-            "(logits hold E real then Z null expert columns)"
-        )
     if not 1 <= topk <= num_experts:
         raise ValueError(f"topk={topk} must be in [1, E+Z={num_experts}]")
     if expert_bias is not None and expert_bias.shape != (num_experts,):
@@ -81,8 +76,9 @@ def select_experts(
     renormalise: HF ``norm_topk_prob=True``); without it the softmax over all N is kept as is.
     sigmoid: experts are chosen on ``sigmoid(logit) + expert_bias`` and weighed by the unbiased
     sigmoid, normalised over the K chosen when ``normalize_topk`` and K > 1.
-    ``scaling_factor`` multiplies the weights last.
+    ``scaling_factor`` multiplies the weights last. Bad arguments raise ValueError naming the setting.
     """
+    _check_select_args(logits.shape[-1], topk, score_function, expert_bias, num_groups, group_topk)
     if score_function == "softmax":
         if normalize_topk:
             chosen, idx = topk_select(logits, topk, num_groups, group_topk)
@@ -115,41 +111,31 @@ def drop_null_columns(probs_full: torch.Tensor, map_full: torch.Tensor, num_real
     return probs_full[:, :num_real].contiguous(), map_full[:, :num_real].contiguous(), null_slots
 
 
-def route(
-    logits: torch.Tensor,
-    *,
-    num_real: int,
-    topk: int,
-    score_function: str = "softmax",
-    expert_bias: torch.Tensor | None = None,
-    scaling_factor: float | None = None,
-    normalize_topk: bool = True,
-    num_groups: int | None = None,
-    group_topk: int | None = None,
-):
+def route(logits: torch.Tensor, *, num_real: int, **select):
     """Route tokens over E real + Z null experts; return the real part.
 
     Args:
         logits: [T, E+Z] router logits, real experts first.
         num_real: E.
-        topk: K slots per token, chosen among all E+Z experts.
-        score_function: "softmax" (Qwen3-MoE) or "sigmoid" (GLM-4.7-Flash, with ``expert_bias``
-            of shape [E+Z] used only to choose).
-        scaling_factor: routed scaling factor applied after normalisation (GLM: 1.8).
-        normalize_topk: normalise the weights over the K chosen slots, null slots included.
-        num_groups, group_topk: group-limited top-k over E+Z (groups must divide E+Z).
+        select: :func:`select_experts`' keyword arguments, over all E+Z experts:
+            topk: K slots per token, chosen among all E+Z experts.
+            score_function: "softmax" (Qwen3-MoE) or "sigmoid" (GLM-4.7-Flash, with ``expert_bias``
+                of shape [E+Z] used only to choose).
+            scaling_factor: routed scaling factor applied after normalisation (GLM: 1.8).
+            normalize_topk: normalise the weights over the K chosen slots, null slots included.
+            num_groups, group_topk: group-limited top-k over E+Z (groups must divide E+Z).
 
     Returns:
         probs [T, E] (zero off the chosen real experts; rows sum to <= 1 * scaling when null slots
         were chosen), routing_map [T, E] bool, null_slots [T] int64.
     """
-    num_tokens, num_experts = logits.shape
-    _check_route_args(num_experts, num_real, topk, score_function, expert_bias, num_groups, group_topk)
-    weights, idx = select_experts(
-        logits, topk=topk, score_function=score_function, expert_bias=expert_bias,
-        scaling_factor=scaling_factor, normalize_topk=normalize_topk, num_groups=num_groups,
-        group_topk=group_topk,
-    )
+    _, num_experts = logits.shape
+    if not 0 < num_real <= num_experts:
+        raise ValueError(
+            f"num_real={num_real} must be in [1, logits.shape[-1]={num_experts}] "
+            "(logits hold E real then Z null expert columns)"
+        )
+    weights, idx = select_experts(logits, **select)
     probs_full = torch.zeros_like(logits).scatter(1, idx, weights)
     map_full = torch.zeros_like(logits, dtype=torch.int).scatter(1, idx, 1).bool()
     return drop_null_columns(probs_full, map_full, num_real)

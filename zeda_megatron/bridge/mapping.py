@@ -75,26 +75,7 @@ def resolve(local_name: str, model, info) -> Entry | None:
     g = layer_mod.layer_number - 1  # global, 0-based
     rest = m.group(2)
     p = f"model.layers.{g}."
-    if rest == "input_layernorm.weight":
-        return Entry("copy", [p + "input_layernorm.weight"], layer=g)
-    if rest in ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"):  # local / TE-fused
-        return Entry("copy", [p + "post_attention_layernorm.weight"], layer=g)
-    if rest == "self_attention.linear_qkv.layer_norm_weight":  # TE: input norm fused into qkv
-        return Entry("copy", [p + "input_layernorm.weight"], layer=g)
-    a = p + "self_attn."
-    attn = {
-        "self_attention.linear_proj.weight": a + "o_proj.weight",
-        "self_attention.q_layernorm.weight": a + ("q_a_layernorm.weight" if info.family == GLM else "q_norm.weight"),
-        "self_attention.k_layernorm.weight": a + "k_norm.weight",
-        "self_attention.linear_q_down_proj.weight": a + "q_a_proj.weight",
-        "self_attention.kv_layernorm.weight": a + "kv_a_layernorm.weight",
-        # Transformer Engine spec: the latent norms are fused into the up projections
-        "self_attention.linear_q_up_proj.layer_norm_weight": a + "q_a_layernorm.weight",
-        "self_attention.linear_kv_up_proj.layer_norm_weight": a + "kv_a_layernorm.weight",
-        "self_attention.linear_kv_up_proj.weight": a + "kv_b_proj.weight",
-    }
-    if rest in attn:
-        return Entry("copy", [attn[rest]], layer=g)
+    a, mp = p + "self_attn.", p + "mlp."
     if info.family == GLM and not cfg.get("rope_interleave", True):
         nope, rope = int(cfg["qk_nope_head_dim"]), int(cfg["qk_rope_head_dim"])
         if rest in ("self_attention.linear_q_up_proj.weight", "self_attention.linear_q_proj.weight"):
@@ -103,30 +84,39 @@ def resolve(local_name: str, model, info) -> Entry | None:
         if rest == "self_attention.linear_kv_down_proj.weight":
             return Entry("copy", [a + "kv_a_proj_with_mqa.weight"], layer=g,
                          rope_rows=(int(cfg["kv_lora_rank"]) + rope, int(cfg["kv_lora_rank"]), rope))
-    if rest == "self_attention.linear_q_up_proj.weight":
-        return Entry("copy", [a + "q_b_proj.weight"], layer=g)
-    if rest == "self_attention.linear_q_proj.weight":
-        return Entry("copy", [a + "q_proj.weight"], layer=g)
-    if rest == "self_attention.linear_kv_down_proj.weight":
-        return Entry("copy", [a + "kv_a_proj_with_mqa.weight"], layer=g)
-    if rest == "self_attention.linear_qkv.weight":
-        return Entry("qkv", [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"], layer=g)
-    mp = p + "mlp."
-    if rest == "mlp.linear_fc1.weight":
-        return Entry("fc1", [mp + "gate_proj.weight", mp + "up_proj.weight"], layer=g, fc1=True)
-    if rest == "mlp.linear_fc2.weight":
-        return Entry("copy", [mp + "down_proj.weight"], layer=g)
-    if rest == "mlp.shared_experts.linear_fc1.weight":
-        return Entry("fc1", [mp + "shared_experts.gate_proj.weight", mp + "shared_experts.up_proj.weight"],
-                     layer=g, fc1=True)
-    if rest == "mlp.shared_experts.linear_fc2.weight":
-        return Entry("copy", [mp + "shared_experts.down_proj.weight"], layer=g)
-    if rest == "mlp.router.weight":
-        return Entry("router", [mp + "gate.weight"], layer=g)
-    if rest == "mlp.router.expert_bias":
-        return Entry("expert_bias", [mp + "gate.e_score_correction_bias"], layer=g)
-    if rest == "mlp.router.null_expert_bias":
-        return Entry("null_expert_bias", [mp + "gate.e_score_correction_bias"], layer=g)
+    named = {  # megatron name in the layer -> (kind, HF names)
+        "input_layernorm.weight": ("copy", [p + "input_layernorm.weight"]),
+        # local / TE-fused
+        "pre_mlp_layernorm.weight": ("copy", [p + "post_attention_layernorm.weight"]),
+        "mlp.linear_fc1.layer_norm_weight": ("copy", [p + "post_attention_layernorm.weight"]),
+        # TE: input norm fused into qkv
+        "self_attention.linear_qkv.layer_norm_weight": ("copy", [p + "input_layernorm.weight"]),
+        "self_attention.linear_proj.weight": ("copy", [a + "o_proj.weight"]),
+        "self_attention.q_layernorm.weight": (
+            "copy", [a + ("q_a_layernorm.weight" if info.family == GLM else "q_norm.weight")]),
+        "self_attention.k_layernorm.weight": ("copy", [a + "k_norm.weight"]),
+        "self_attention.linear_q_down_proj.weight": ("copy", [a + "q_a_proj.weight"]),
+        "self_attention.kv_layernorm.weight": ("copy", [a + "kv_a_layernorm.weight"]),
+        # Transformer Engine spec: the latent norms are fused into the up projections
+        "self_attention.linear_q_up_proj.layer_norm_weight": ("copy", [a + "q_a_layernorm.weight"]),
+        "self_attention.linear_kv_up_proj.layer_norm_weight": ("copy", [a + "kv_a_layernorm.weight"]),
+        "self_attention.linear_kv_up_proj.weight": ("copy", [a + "kv_b_proj.weight"]),
+        "self_attention.linear_q_up_proj.weight": ("copy", [a + "q_b_proj.weight"]),
+        "self_attention.linear_q_proj.weight": ("copy", [a + "q_proj.weight"]),
+        "self_attention.linear_kv_down_proj.weight": ("copy", [a + "kv_a_proj_with_mqa.weight"]),
+        "self_attention.linear_qkv.weight": ("qkv", [a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]),
+        "mlp.linear_fc1.weight": ("fc1", [mp + "gate_proj.weight", mp + "up_proj.weight"]),
+        "mlp.linear_fc2.weight": ("copy", [mp + "down_proj.weight"]),
+        "mlp.shared_experts.linear_fc1.weight": (
+            "fc1", [mp + "shared_experts.gate_proj.weight", mp + "shared_experts.up_proj.weight"]),
+        "mlp.shared_experts.linear_fc2.weight": ("copy", [mp + "shared_experts.down_proj.weight"]),
+        "mlp.router.weight": ("router", [mp + "gate.weight"]),
+        "mlp.router.expert_bias": ("expert_bias", [mp + "gate.e_score_correction_bias"]),
+        "mlp.router.null_expert_bias": ("null_expert_bias", [mp + "gate.e_score_correction_bias"]),
+    }
+    if rest in named:
+        kind, hf = named[rest]
+        return Entry(kind, hf, layer=g, fc1=kind == "fc1")
     em = _SEQ_EXPERT.match(rest)
     if em is not None:
         local, which = int(em.group(1)), em.group(2)

@@ -23,14 +23,13 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
 import time
 
 import torch
 
 from . import corpus
-from .hf_model import generate, load, log_print  # noqa: F401 (load/generate re-exported)
+from .hf_model import log_print
 
 VERSION = 3
 MARKER = ".complete"
@@ -322,9 +321,9 @@ def shipped_teacher(family: str = "glm", preset: str = "demo", seed: int = 0, lo
         return None
     if weights_digest(d) != info.get("weights_sha256"):
         raise RuntimeError(f"{d}/model.safetensors does not match the sha256 in its {INFO}: restore it "
-                           f"(git checkout) or rebuild it: python tools/make_tiny_teacher.py --ship")
+                           "(git checkout) or rebuild it: python tools/make_tiny_teacher.py --ship")
     if info.get("stdlib_digest") != stdlib_digest():
-        log(f"[teacher] note: this Python's stdlib differs from the one the shipped teacher was built on "
+        log("[teacher] note: this Python's stdlib differs from the one the shipped teacher was built on "
             f"(Python {info.get('python')}): the held-out split may include files it trained on")
     return dict(info, cached=True, shipped=True)
 

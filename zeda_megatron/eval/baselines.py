@@ -76,41 +76,39 @@ def _sorted(w, idx):
     return torch.gather(w, 1, order), torch.gather(idx, 1, order)
 
 
-def _drop(block, logits, w, idx, total, keep, renormalise: bool):
-    """Zero the weights of the slots not kept and mark them as null slots."""
-    w2 = torch.where(keep, w, torch.zeros_like(w))
-    if renormalise:
-        w2 = w2 * total / w2.sum(dim=1, keepdim=True).clamp_min(1e-20)
-    return logits, w2, torch.where(keep, idx, torch.full_like(idx, block.num_experts))
+def _keep_slots(keep_of, renormalise: bool):
+    """A route transform: the K slots sorted by weight, those ``keep_of(weights, total)`` says no to
+    (the top one always stays) zeroed and marked as null slots; ``renormalise`` keeps the total weight."""
+
+    def transform(block, out):
+        logits, w, idx = out[:3]
+        w, idx = _sorted(w, idx)
+        total = w.sum(dim=1, keepdim=True)
+        keep = keep_of(w, total)
+        keep[:, 0] = True
+        w2 = torch.where(keep, w, torch.zeros_like(w))
+        if renormalise:
+            w2 = w2 * total / w2.sum(dim=1, keepdim=True).clamp_min(1e-20)
+        return logits, w2, torch.where(keep, idx, torch.full_like(idx, block.num_experts))
+
+    return transform
 
 
 def top_p(p: float, renormalise: bool = True):
     """Keep the fewest top experts whose normalised weights sum to >= p (top-1 always)."""
 
-    def transform(block, out):
-        logits, w, idx = out[:3]
-        w, idx = _sorted(w, idx)
-        total = w.sum(dim=1, keepdim=True)
+    def keep_of(w, total):
         cum = torch.cumsum(w, dim=1) / total.clamp_min(1e-20)
         keep = torch.ones_like(w, dtype=torch.bool)
         keep[:, 1:] = cum[:, :-1] < p
-        return _drop(block, logits, w, idx, total, keep, renormalise)
+        return keep
 
-    return transform
+    return _keep_slots(keep_of, renormalise)
 
 
 def threshold(tau: float, renormalise: bool = False):
     """Keep the experts whose normalised weight is >= tau (top-1 always)."""
-
-    def transform(block, out):
-        logits, w, idx = out[:3]
-        w, idx = _sorted(w, idx)
-        total = w.sum(dim=1, keepdim=True)
-        keep = (w / total.clamp_min(1e-20)) >= tau
-        keep[:, 0] = True
-        return _drop(block, logits, w, idx, total, keep, renormalise)
-
-    return transform
+    return _keep_slots(lambda w, total: (w / total.clamp_min(1e-20)) >= tau, renormalise)
 
 
 def route_with_input(model) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 
 from zeda_megatron.eval.scoring import pct
+from zeda_megatron.training.metrics import read_metrics_file
 
 CURVE_KEYS = (("loss", "training loss"), ("kl", "KL to teacher"), ("null_share", "null-slot share"))
 
@@ -75,21 +76,6 @@ def write_markdown(summary: dict, path: str) -> str:
 
 
 # ---- the adaptation report ----------------------------------------------------------------------
-def _read_jsonl(path: str) -> list[dict]:
-    if not path or not os.path.isfile(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return out
-
-
 def _fmt(x, as_pct=False, nd=3):
     if x is None or as_pct:
         return pct(x)
@@ -152,7 +138,7 @@ def write_report(summary: dict, metrics_jsonl_paths: dict[str, str] | None, out_
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    runs = {name: _read_jsonl(p) for name, p in (metrics_jsonl_paths or {}).items()}
+    runs = {name: read_metrics_file(p) if p else [] for name, p in (metrics_jsonl_paths or {}).items()}
     runs = {k: v for k, v in runs.items() if v}
     s = summary
     L = ["# ZEDA adaptation report", ""]

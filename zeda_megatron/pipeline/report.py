@@ -3,7 +3,6 @@ training stage, and the plan's listing (standard library only)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -12,6 +11,7 @@ import time
 from zeda_megatron.pipeline import state
 from zeda_megatron.pipeline.launch import describe
 from zeda_megatron.pipeline.phases import Phase
+from zeda_megatron.training.metrics import read_metrics
 
 GRACE_MARGIN_S = 60.0    # process exit and the requeue call, after the step in flight and the save
 
@@ -91,12 +91,7 @@ def outro(phase: Phase, job: dict) -> list[str]:
     ck = latest_checkpoint(stage_dir)
     if ck:
         size = folder_size(ck)
-        steps = []
-        try:
-            with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
-                steps = [json.loads(line).get("step_time_s", 0.0) for line in f if line.strip()]
-        except (OSError, ValueError):
-            pass
+        steps = [r.get("step_time_s", 0.0) for r in read_metrics(stage_dir)]
         gbps, have = float(job.get("ckpt_write_gbps", 1.0)), float(job.get("grace_s", 900))
         g = grace_needed(size, max(steps or [0.0]), gbps)
         out.append(f"  checkpoint {ck}: {size / 1e9:.2f} GB; longest step {g['step_s']:.0f} s -> grace needed ~"

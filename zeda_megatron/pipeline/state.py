@@ -18,6 +18,7 @@ import shutil
 import time
 
 from zeda_megatron.pipeline.phases import Phase
+from zeda_megatron.training.metrics import read_metrics
 
 COMPLETE, STOPPED, FAILED, RUNNING = "complete", "stopped", "failed", "running"
 
@@ -71,15 +72,7 @@ def train_progress(phase: Phase) -> int:
     summary = read_json(os.path.join(run_dir, "summary.json"))
     if summary and "steps_done" in summary:
         return int(summary["steps_done"])
-    done = 0
-    try:
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            for line in f:
-                if line.strip():
-                    done = max(done, int(json.loads(line).get("step", 0)))
-    except (OSError, ValueError):
-        pass
-    return done
+    return max((int(r.get("step", 0)) for r in read_metrics(run_dir)), default=0)
 
 
 # ---- the completion rule ------------------------------------------------------------------------------

@@ -282,7 +282,7 @@ def format_time_plan(phases: dict, summary: dict, s2: dict, gen: dict) -> str:
         "prepare": "tokenise the stage-1 data",
         "sft": f"{phases['sft']['steps']} steps x {phases['sft']['step_s']:.0f} s "
                f"({phases['sft']['tokens_per_step']:,} tokens/step, {phases['sft']['epochs_of_data']:.1f} passes over "
-               f"the data) + checkpoints",
+               "the data) + checkpoints",
         "opd": f"{phases['opd']['steps']} steps x (sample {s2['sample_s']:.0f} s + train {s2['train_s']:.0f} s); "
                f"{s2['decode_batch']} slots, {s2['decode_tokens_per_s']:.0f} decode tokens/s per DP rank (step "
                f"{d2['seconds'] * 1e3:.0f} ms: host {d2['host_s'] * 1e3:.0f}, device {d2['device_s'] * 1e3:.0f}, comm "

@@ -52,12 +52,25 @@ def _scalar(x):
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """All records of ``<run_dir>/metrics.jsonl`` (empty if none)."""
-    path = os.path.join(run_dir, METRICS_FILE)
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of ``<run_dir>/metrics.jsonl`` (see :func:`read_metrics_file`)."""
+    return read_metrics_file(os.path.join(run_dir, METRICS_FILE))
+
+
+def read_metrics_file(path: str) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file, one JSON object a line: empty if it cannot be read; a line
+    that is not JSON (cut short by a kill, before a resume truncates it) is skipped."""
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        out.append(json.loads(line))
+                    except ValueError:
+                        pass
+    except OSError:
+        pass
+    return out
 
 
 class MetricsWriter:

@@ -16,8 +16,6 @@ step's layout is the same), and the last stage broadcasts its sampled tokens to 
 
 from __future__ import annotations
 
-from zeda_megatron.plan.memory import TOKEN_BUDGET
-
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +24,7 @@ import torch.distributed as dist
 
 from zeda_megatron import assumptions
 from zeda_megatron.distributed import comm_device
+from zeda_megatron.plan.memory import TOKEN_BUDGET
 from zeda_megatron.training.rollout.kv_cache import SlotCache, StepInfo, cached_attention
 from zeda_megatron.training.rollout.sampling import choose_tokens, prompt_uniforms
 from zeda_megatron.training.rollout.slots import Slots, StepPlan

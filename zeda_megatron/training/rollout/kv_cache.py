@@ -108,6 +108,25 @@ def attend_chunk(q, k, v, p0, scale):
     return out.transpose(0, 1)
 
 
+def attend_cached_kv(cache: SlotCache, layer: int, q, k, v, scale):
+    """Full K/V caching: write the step's k [T, Hk, d] and v [T, Hk, dv] of ``layer`` at their slots and
+    positions, then attend q [T, H, d] over each slot's cached rows -> [T, H, dv]."""
+    st = cache.step
+    ck = cache.get(layer, "k", tuple(k.shape[1:]), k)
+    cv = cache.get(layer, "v", tuple(v.shape[1:]), v)
+    ck[st.slot, st.pos] = k
+    cv[st.slot, st.pos] = v
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    if st.singles.numel():
+        keys = cache.keys_for_singles(ck).transpose(1, 2)  # [n1, Hk, L, d]
+        vals = cache.keys_for_singles(cv).transpose(1, 2)
+        out[st.singles] = attend_singles(q[st.singles], keys, vals, cache.single_mask(), scale)
+    for a, b, slot, p0 in st.chunks:
+        end = p0 + b - a
+        out[a:b] = attend_chunk(q[a:b], ck[slot, :end], cv[slot, :end], p0, scale)
+    return out
+
+
 class CachedSelfAttention(MegatronModule):
     """A GQA ``SelfAttention`` reading/writing the slot cache (its own projections, norms, RoPE)."""
 
@@ -129,19 +148,7 @@ class CachedSelfAttention(MegatronModule):
             extra = {} if mscale is None else {"mscale": mscale}
             q = apply_rotary_pos_emb(q, freqs, config=attn.config, cp_group=attn.pg_collection.cp, **extra)
             k = apply_rotary_pos_emb(k, freqs, config=attn.config, cp_group=attn.pg_collection.cp, **extra)
-        q, k, v = q[:, 0], k[:, 0], v[:, 0]
-        ck = self.cache.get(self.index, "k", tuple(k.shape[1:]), k)
-        cv = self.cache.get(self.index, "v", tuple(v.shape[1:]), v)
-        ck[st.slot, st.pos] = k
-        cv[st.slot, st.pos] = v
-        out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-        if st.singles.numel():
-            keys = self.cache.keys_for_singles(ck).transpose(1, 2)  # [n1, Hk, L, d]
-            vals = self.cache.keys_for_singles(cv).transpose(1, 2)
-            out[st.singles] = attend_singles(q[st.singles], keys, vals, self.cache.single_mask(), self.scale)
-        for a, b, slot, p0 in st.chunks:
-            end = p0 + b - a
-            out[a:b] = attend_chunk(q[a:b], ck[slot, :end], cv[slot, :end], p0, self.scale)
+        out = attend_cached_kv(self.cache, self.index, q[:, 0], k[:, 0], v[:, 0], self.scale)
         return attn.linear_proj(out.reshape(out.shape[0], 1, -1))
 
 
@@ -220,8 +227,8 @@ class CachedMLA(MegatronModule):
         q_nope, q_pe, latent, k_pe = self._project(hidden_states)
         q = torch.cat([q_nope, q_pe], dim=-1)  # [T, H, nope + rope]
         T = q.shape[0]
-        out = q.new_empty(T, self.heads, self.vdim)
         if self.mode == "latent":
+            out = q.new_empty(T, self.heads, self.vdim)
             c = self._latent_norm(latent[:, 0])
             cache = self.cache.get(self.index, "latent", (self.lora + self.rope,), c)
             cache[st.slot, st.pos] = torch.cat([c, k_pe], dim=-1)
@@ -241,17 +248,7 @@ class CachedMLA(MegatronModule):
             kv = kv.view(T, self.heads, self.nope + self.vdim)
             k_nope, v = torch.split(kv, [self.nope, self.vdim], dim=-1)
             k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.heads, -1)], dim=-1)
-            ck = self.cache.get(self.index, "k", tuple(k.shape[1:]), k)
-            cv = self.cache.get(self.index, "v", tuple(v.shape[1:]), v)
-            ck[st.slot, st.pos] = k
-            cv[st.slot, st.pos] = v
-            if st.singles.numel():
-                keys = self.cache.keys_for_singles(ck).transpose(1, 2)
-                vals = self.cache.keys_for_singles(cv).transpose(1, 2)
-                out[st.singles] = attend_singles(q[st.singles], keys, vals, self.cache.single_mask(), self.scale)
-            for a, b, slot, p0 in st.chunks:
-                end = p0 + b - a
-                out[a:b] = attend_chunk(q[a:b], ck[slot, :end], cv[slot, :end], p0, self.scale)
+            out = attend_cached_kv(self.cache, self.index, q, k, v, self.scale)
         return self.attn.linear_proj(out.reshape(T, 1, -1))
 
 
