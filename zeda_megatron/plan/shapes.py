@@ -21,12 +21,12 @@ class Shapes:
     heads: int
     kv_heads: int
     head_dim: int
-    shared_ffn: int = 0
-    q_lora: int = 0
-    kv_lora: int = 0
-    qk_nope: int = 0
-    qk_rope: int = 0
-    v_head: int = 0
+    shared_ffn: int = 0  # the shared expert's FFN width (0: none)
+    q_lora: int = 0      # MLA (GLM): the query's low-rank width (0: a full query projection)
+    kv_lora: int = 0     # MLA: the compressed KV latent's width (0: not MLA)
+    qk_nope: int = 0     # MLA: per-head query/key width without RoPE
+    qk_rope: int = 0     # MLA: per-head RoPE key width (shared by the heads)
+    v_head: int = 0      # MLA: per-head value width
 
     @property
     def mla(self) -> bool:
