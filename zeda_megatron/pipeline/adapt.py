@@ -46,9 +46,9 @@ def memory_lines(cfg, world: int, on_cpu: bool) -> list[str]:
     return ["planned memory (python -m zeda_megatron.plan):"] + ["  " + line for line in table if line.strip()]
 
 
-def time_lines(common: list[str], job: dict, env: dict, world: int, n_prompts: int, sft_steps: int,
+def time_lines(common: list[str], gpu: str, job: dict, env: dict, world: int, n_prompts: int, sft_steps: int,
                opd_steps: int) -> list[str]:
-    """The time plan of the job's phases on ``job.gpu`` (python -m zeda_megatron.plan --time's table) and
+    """The time plan of the job's phases on ``gpu`` (python -m zeda_megatron.plan --time's table) and
     the job runs it takes at a run's time limit: ``job.time_limit``, else the allocation's (Slurm's
     SLURM_JOB_START_TIME/END_TIME), else the sbatch scripts' 24:00:00. Information: never fails the job."""
     limit = job.get("time_limit")
@@ -57,7 +57,7 @@ def time_lines(common: list[str], job: dict, env: dict, world: int, n_prompts: i
     try:
         from zeda_megatron.plan.time import time_plan_for
 
-        text, _ = time_plan_for(common, str(job.get("gpu") or "h100"), time_limit=limit or "24:00:00", world=world,
+        text, _ = time_plan_for(common, gpu, time_limit=limit or "24:00:00", world=world,
                                 n_prompts=n_prompts, sft_steps=sft_steps, opd_steps=opd_steps)
     except Exception as e:  # noqa: BLE001 - the time plan is information here
         return [f"time plan: not computed ({type(e).__name__}: {str(e)[:200]})"]
@@ -100,8 +100,9 @@ def build_plan(family: str, run_dir: str | None, overrides: list[str], dry_run: 
     errors, notes = [], []
     from zeda_megatron.plan.devices import GPUS
 
-    if str(job.get("gpu")).lower() not in GPUS:
-        errors.append(f"job.gpu={job.get('gpu')}: unknown GPU for the time plan; use one of {sorted(GPUS)}")
+    gpu = str(job["gpu"]).lower()   # the time plan's and the rehearsal's GPU
+    if gpu not in GPUS:
+        errors.append(f"job.gpu={job['gpu']}: unknown GPU for the time plan; use one of {sorted(GPUS)}")
 
     # the inputs
     from zeda_megatron.spec.compose import compose
@@ -172,7 +173,6 @@ def build_plan(family: str, run_dir: str | None, overrides: list[str], dry_run: 
     # the rehearsal: both stages' trainer configs at full size on fake tensors, on this node's CPU, before
     # the first GPU hour (a CPU job has no GPU memory to fit)
     if not on_cpu:
-        gpu = str(job.get("gpu") or "h100").lower()
         phases.append(Phase(
             "rehearse", "both stages rehearsed at full size on fake tensors (CPU)",
             ["-m", "zeda_megatron.pipeline", "rehearse", "--out", d("job", "rehearsal.json"), "--world", str(world),
@@ -254,7 +254,7 @@ def build_plan(family: str, run_dir: str | None, overrides: list[str], dry_run: 
         f"python, torch{' + CUDA, megatron-core, Transformer Engine' if not on_cpu else ', megatron-core (CPU run)'} on every node",
         f"inputs: model.hf_dir={hf_dir}, data.prompts={prompts} ({n_prompts} prompts)",
         f"both stages' configs validated for {nodes} node(s) x {nproc} processes = {world}",
-        *([] if on_cpu else time_lines(common, job, env, world, n_prompts, steps1,
+        *([] if on_cpu else time_lines(common, gpu, job, env, world, n_prompts, steps1,
                                                   int(cfgs["opd"].trainer.max_steps)))]}
     return {"family": family, "model": str(base.model.name), "run_dir": run_dir, "nodes": nodes, "nproc_per_node": nproc,
             "world": world, "wandb_group": group, "job": job, "check": check,

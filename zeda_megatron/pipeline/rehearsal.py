@@ -37,29 +37,31 @@ def rehearse_stages(stages: dict[str, list[str]], world: int, gpu: str, out: str
     # CPU paths (local modules, no Transformer Engine), as on the machine the rehearsal was measured on.
     os.environ["ZEDA_FORCE_CPU"] = "1"
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from zeda_megatron.plan.devices import GPUS
+    from zeda_megatron.plan.devices import device
     from zeda_megatron.plan.memory import PlanError
     from zeda_megatron.rehearse import rehearse
     from zeda_megatron.rehearse.report import format_rank
     from zeda_megatron.spec import ConfigError, resolve
     from zeda_megatron.spec.compose import compose
 
-    if gpu not in GPUS:
-        say(f"[rehearse] error: job.gpu={gpu}: unknown GPU; use one of {sorted(GPUS)}")
+    try:
+        dev = device(gpu)
+    except ValueError as e:
+        say(f"[rehearse] error: job.{e}")
         return 2
     t0 = time.time()
     specs = {}
     for name, ovs in stages.items():
         try:   # the checkpoint a stage starts from is written by an earlier phase: shapes need none
             specs[name] = resolve(compose([*ovs, "model.init_checkpoint=null"]), world, inputs=False, on_gpu=True,
-                                  gpu_gb=GPUS[gpu].memory_gb)
+                                  gpu_gb=dev.memory_gb)
         except (ConfigError, PlanError, ValueError) as e:
             say(f"[rehearse] error: stage {STAGE_NUMBER[name]} ({name}): {e}")
             return 2
     reports, failures = {}, []
     for name, spec in specs.items():
         lay = spec.layout
-        say(f"[rehearse] stage {STAGE_NUMBER[name]} ({name}): {spec.model.name} on {world} x {GPUS[gpu].name}, "
+        say(f"[rehearse] stage {STAGE_NUMBER[name]} ({name}): {spec.model.name} on {world} x {dev.name}, "
             f"TP{lay.tp} PP{lay.pp} EP{lay.ep} DP{lay.dp}, micro batch {spec.trainer.micro_batch_size} x "
             f"{spec.trainer.seq_length} tokens; worst case: every routed slot on a real expert")
         rep = rehearse(spec, sampler_steps=sampler_steps)
@@ -81,6 +83,6 @@ def rehearse_stages(stages: dict[str, list[str]], world: int, gpu: str, out: str
             "<stage>.trainer.micro_batch_size or trainer.seq_length, keep trainer.recompute=full and "
             "optim.optimizer_cpu_offload=true, or use more GPUs (docs/rehearsal.md)")
         return 1
-    say(f"[rehearse] both stages fit {GPUS[gpu].name} on every rank role ({time.time() - t0:.0f} s); "
+    say(f"[rehearse] both stages fit {dev.name} on every rank role ({time.time() - t0:.0f} s); "
         f"report: {out}")
     return 0
